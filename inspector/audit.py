@@ -1,0 +1,442 @@
+"""Validation checks: the live espfix state against the kernel's own rules.
+
+Each check is a small function ``check_<name>(ctx) -> Iterable[Finding]``
+registered in :data:`CHECKS`; :func:`audit` runs them all.  What the checks
+hold the kernel to comes from ``arch/x86/kernel/espfix_64.c``
+(``init_espfix_ap()``: the clone counts, ``PGTABLE_PROT``, the PTE protection),
+``arch/x86/mm/pti.c`` (``pti_setup_espfix64()``) and ``entry_64.S``.
+
+Severities: ``error`` (espfix is broken or unsafe here), ``warning`` (odd but
+not known to be harmful) and ``info`` (facts worth knowing: CPUs never
+online, remote-node ministacks).  Errors and warnings are findings (exit 1).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
+                    ESPFIX_PTE_CLONES, ESPFIX_PUD_CLONES, ESPFIX_STACKS_PER_PAGE,
+                    PTE_STRIDE, Randomness, espfix_base_addr, format_cpu_list,
+                    group_pud_index, invert_espfix_stack, pte_slots, pud_slots)
+from .pagetable import (FLAGS_MASK, PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_NX,
+                        PAGE_PRESENT, PAGE_RW, PAGE_USER, decode_flags)
+from .state import EspfixState
+
+__all__ = ["Finding", "AuditResult", "audit", "CHECKS", "SEVERITIES",
+           "expected_table_flags", "expected_pte_flags"]
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass
+class Finding:
+    check: str
+    severity: str
+    message: str
+    cpu: int | None = None
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"check": self.check, "severity": self.severity, "cpu": self.cpu,
+                "message": self.message, **self.details}
+
+
+def expected_table_flags(ptemask: int) -> int:
+    """``PGTABLE_PROT & __supported_pte_mask``: P|A|D|NX, read-only, for the
+    PUD and PMD entries ``init_espfix_ap()`` writes."""
+    return (PAGE_PRESENT | PAGE_ACCESSED | PAGE_DIRTY | PAGE_NX) & ptemask
+
+
+def expected_pte_flags(ptemask: int) -> set[int]:
+    """``__PAGE_KERNEL_RO & __supported_pte_mask`` for the stack-page PTEs:
+    P|A|D|G|NX before 6.6, P|A|G|NX since f788b71768ff ("x86/mm: Remove
+    _PAGE_DIRTY from kernel RO pages").  Either is the kernel's own value."""
+    base = PAGE_PRESENT | PAGE_ACCESSED | PAGE_GLOBAL | PAGE_NX
+    return {base & ptemask, (base | PAGE_DIRTY) & ptemask}
+
+
+@dataclass
+class Context:
+    state: EspfixState
+    rnd: Randomness | None = None
+    rnd_source: str = ""
+    initialised: list[int] = field(default_factory=list)   # CPUs with an espfix_stack
+    used_pages: set[int] = field(default_factory=set)      # espfix_pages indices in use
+    used_groups: set[int] = field(default_factory=set)     # 1024-CPU groups in use
+
+    def __post_init__(self) -> None:
+        self.initialised = [c for c, st in self.state.cpus.items() if st.initialised]
+        self.used_pages = {c // ESPFIX_STACKS_PER_PAGE for c in self.initialised}
+        self.used_groups = {p // PTE_STRIDE for p in self.used_pages}
+
+    @property
+    def ptemask(self) -> int:
+        m = self.state.info.supported_pte_mask
+        return ((1 << 64) - 1 if m is None else m) & ~self.state.info.sme_mask
+
+    def flags(self, entry: int) -> int:
+        return entry & FLAGS_MASK & ~self.state.info.sme_mask
+
+    def addr(self, entry: int) -> int:
+        return self.state.walker.entry_addr(entry)
+
+    def group_pud_index(self, group: int) -> int:
+        assert self.rnd is not None
+        return group_pud_index(group, self.rnd.page_random)
+
+
+@dataclass
+class AuditResult:
+    findings: list[Finding]
+    rnd: Randomness | None
+    rnd_source: str
+    per_cpu_bad: set[int]
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity in ("error", "warning") for f in self.findings)
+
+
+Check = Callable[[Context], Iterable[Finding]]
+CHECKS: list[tuple[str, Check]] = []
+
+
+def check(name: str) -> Callable[[Check], Check]:
+    def register(fn: Check) -> Check:
+        CHECKS.append((name, fn))
+        return fn
+    return register
+
+
+def _initialised(ctx: Context) -> list[int]:
+    return ctx.initialised
+
+
+@check("cpu_init")
+def check_cpu_init(ctx: Context) -> Iterable[Finding]:
+    """Online CPUs must have a ministack; others are reported as facts."""
+    never = []
+    for cpu, st in ctx.state.cpus.items():
+        if st.online and not st.initialised:
+            yield Finding("cpu_init", "error", "online but espfix_stack is 0: "
+                          "init_espfix_ap() never ran for it", cpu)
+        elif not st.online and st.initialised:
+            yield Finding("cpu_init", "info", "offline, initialised (the kernel never frees "
+                          "espfix state)", cpu)
+        elif not st.online:
+            never.append(cpu)
+    if never:
+        yield Finding("cpu_init", "info",
+                      f"possible but never online, no ministack yet (espfix is set up on "
+                      f"first online): CPUs {format_cpu_list(never)}",
+                      None, {"cpus": format_cpu_list(never)})
+
+
+@check("randomness")
+def check_randomness(ctx: Context) -> Iterable[Finding]:
+    """``page_random``/``slot_random``: read from the statics when the
+    symbols show them, else inferred from the CPUs (majority)."""
+    st = ctx.state
+    votes: Counter = Counter()
+    for cpu in _initialised(ctx):
+        try:
+            votes[invert_espfix_stack(cpu, st.cpus[cpu].espfix_stack)] += 1
+        except ValueError:
+            continue
+    inferred = Randomness(*votes.most_common(1)[0][0]) if votes else None
+    info = st.info
+    if info.page_random is not None and info.slot_random is not None:
+        try:
+            statics = Randomness(info.page_random, info.slot_random)
+        except ValueError:
+            yield Finding("randomness", "error", f"page_random={info.page_random} "
+                          f"slot_random={info.slot_random} are out of range")
+            statics = None
+        if statics is not None:
+            ctx.rnd, ctx.rnd_source = statics, "statics"
+            if inferred is not None and inferred != statics:
+                yield Finding("randomness", "error",
+                              f"the statics say page_random={statics.page_random} "
+                              f"slot_random={statics.slot_random} but most CPUs' espfix_stack "
+                              f"imply {inferred.page_random}/{inferred.slot_random}")
+            return
+    ctx.rnd, ctx.rnd_source = inferred, "inferred"
+
+
+@check("espfix_stack")
+def check_espfix_stack(ctx: Context) -> Iterable[Finding]:
+    """``per_cpu(espfix_stack, cpu) == espfix_base_addr(cpu)``."""
+    if ctx.rnd is None:
+        return
+    pr, sr = ctx.rnd.page_random, ctx.rnd.slot_random
+    for cpu in _initialised(ctx):
+        actual = ctx.state.cpus[cpu].espfix_stack
+        expected = espfix_base_addr(cpu, pr, sr)
+        if actual != expected:
+            yield Finding("espfix_stack", "error", f"espfix_stack is {actual:#x}, the kernel's "
+                          f"formula gives {expected:#x}", cpu,
+                          {"actual": f"{actual:#x}", "expected": f"{expected:#x}"})
+
+
+@check("espfix_pages")
+def check_espfix_pages(ctx: Context) -> Iterable[Finding]:
+    """``espfix_pages[n/64]`` is set, page-aligned and in the direct map for
+    every page in use; NULL for pages no CPU uses."""
+    st = ctx.state
+    used = ctx.used_pages
+    for idx, va in enumerate(st.espfix_pages):
+        if idx in used:
+            if not va:
+                yield Finding("espfix_pages", "error", f"espfix_pages[{idx}] is NULL but CPUs "
+                              f"{idx * 64}-{idx * 64 + 63} have a ministack", idx * 64)
+            elif va & 0xFFF or st.direct_map_pa(va) is None:
+                yield Finding("espfix_pages", "error", f"espfix_pages[{idx}] = {va:#x} is not a "
+                              "page-aligned direct-map address", idx * 64)
+        elif va:
+            yield Finding("espfix_pages", "warning", f"espfix_pages[{idx}] = {va:#x} but no CPU "
+                          f"of {idx * 64}-{idx * 64 + 63} has a ministack", idx * 64)
+
+
+@check("espfix_waddr")
+def check_espfix_waddr(ctx: Context) -> Iterable[Finding]:
+    """``espfix_waddr = espfix_pages[n/64] + (espfix_stack & ~PAGE_MASK)``."""
+    st = ctx.state
+    for cpu in _initialised(ctx):
+        c = st.cpus[cpu]
+        idx = cpu // ESPFIX_STACKS_PER_PAGE
+        page_va = st.espfix_pages[idx] if idx < len(st.espfix_pages) else 0
+        expected = page_va + (c.espfix_stack & 0xFFF)
+        if not page_va:
+            continue                                    # reported by espfix_pages
+        if c.espfix_waddr != expected:
+            yield Finding("espfix_waddr", "error", f"espfix_waddr is {c.espfix_waddr:#x}, "
+                          f"expected espfix_pages[{idx}] + {c.espfix_stack & 0xFFF:#x} = "
+                          f"{expected:#x}", cpu,
+                          {"actual": f"{c.espfix_waddr:#x}", "expected": f"{expected:#x}"})
+
+
+@check("top_entry")
+def check_top_entry(ctx: Context) -> Iterable[Finding]:
+    """The top-level entry for ESPFIX_BASE_ADDR points to ``espfix_pud_page``."""
+    st = ctx.state
+    top = st.top_entry()
+    where = "p4d[510]" if st.info.levels == 5 else "pgd[510]"
+    if top is None or not top.entry & PAGE_PRESENT:
+        yield Finding("top_entry", "error", f"{where} for {ESPFIX_BASE_ADDR:#x} is not present: "
+                      "espfix_pud_page is not installed in init_top_pgt")
+    elif ctx.addr(top.entry) != st.info.pud_pa:
+        yield Finding("top_entry", "error", f"{where} points to {ctx.addr(top.entry):#x}, not to "
+                      f"espfix_pud_page at {st.info.pud_pa:#x}")
+
+
+def _groups(ctx: Context) -> list[int]:
+    return sorted(ctx.used_groups) if ctx.rnd is not None else []
+
+
+@check("pud_clones")
+def check_pud_clones(ctx: Context) -> Iterable[Finding]:
+    """4 identical, present, read-only NX PUD entries per group in use, and
+    nothing else present in ``espfix_pud_page``."""
+    pud = ctx.state.pud_page
+    want = expected_table_flags(ctx.ptemask)
+    in_use: set[int] = set()
+    for g in _groups(ctx):
+        first = ctx.group_pud_index(g)
+        slots = pud_slots(first)
+        in_use.update(slots)
+        entries = [pud[i] for i in slots]
+        cpu = g * CPUS_PER_GROUP
+        if not all(e & PAGE_PRESENT for e in entries):
+            missing = [i for i in slots if not pud[i] & PAGE_PRESENT]
+            yield Finding("pud_clones", "error", f"group {g}: PUD clone(s) {missing} not "
+                          f"present (of {list(slots)})", cpu)
+        elif len(set(entries)) != 1:
+            yield Finding("pud_clones", "error", f"group {g}: the {ESPFIX_PUD_CLONES} PUD clones "
+                          f"differ: {', '.join(f'{e:#x}' for e in entries)}", cpu)
+        for i in slots:
+            if pud[i] & PAGE_PRESENT and ctx.flags(pud[i]) != want:
+                yield Finding("pud_prot", "error", f"group {g}: pud[{i}] = {pud[i]:#x} has "
+                              f"flags {decode_flags(pud[i])}, the kernel sets "
+                              f"{decode_flags(want)}", cpu)
+    if ctx.rnd is None:
+        return
+    for i, e in enumerate(pud):
+        if e & PAGE_PRESENT and i not in in_use:
+            yield Finding("stray_pud", "error", f"espfix_pud_page[{i}] = {e:#x} is present but no "
+                          "CPU group in use maps there")
+
+
+def _group_pmd(ctx: Context, g: int) -> int | None:
+    e = ctx.state.pud_page[ctx.group_pud_index(g)]
+    return ctx.addr(e) if e & PAGE_PRESENT else None
+
+
+@check("pmd_clones")
+def check_pmd_clones(ctx: Context) -> Iterable[Finding]:
+    """All 512 PMD entries of a group's PMD page identical, present, RO, NX."""
+    want = expected_table_flags(ctx.ptemask)
+    for g in _groups(ctx):
+        pmd_pa = _group_pmd(ctx, g)
+        if pmd_pa is None:
+            continue
+        pmd = ctx.state.walker.table(pmd_pa)
+        cpu = g * CPUS_PER_GROUP
+        absent = [i for i, e in enumerate(pmd) if not e & PAGE_PRESENT]
+        values = Counter(e for e in pmd if e & PAGE_PRESENT)
+        if absent:
+            yield Finding("pmd_clones", "error", f"group {g}: {len(absent)} of "
+                          f"{ESPFIX_PMD_CLONES} PMD clones not present (first: pmd[{absent[0]}])",
+                          cpu)
+        if len(values) > 1:
+            common = values.most_common(1)[0][0]
+            odd = [i for i, e in enumerate(pmd) if e & PAGE_PRESENT and e != common]
+            yield Finding("pmd_clones", "error", f"group {g}: PMD clones differ: pmd[{odd[0]}] = "
+                          f"{pmd[odd[0]]:#x}, most are {common:#x}", cpu)
+        for value in values:
+            if ctx.flags(value) != want:
+                i = pmd.index(value)
+                yield Finding("pmd_prot", "error", f"group {g}: pmd[{i}] = {value:#x} has flags "
+                              f"{decode_flags(value)}, the kernel sets {decode_flags(want)}", cpu)
+
+
+@check("pte_clones")
+def check_pte_clones(ctx: Context) -> Iterable[Finding]:
+    """Per stack page in use: 32 identical, present PTEs every 16th entry,
+    pointing at ``espfix_pages[n]``, read-only, NX, global, not user; and no
+    present PTE for a page no CPU uses."""
+    st = ctx.state
+    assert ctx.rnd is not None or not _groups(ctx)
+    allowed = expected_pte_flags(ctx.ptemask)
+    for g in _groups(ctx):
+        pmd_pa = _group_pmd(ctx, g)
+        if pmd_pa is None:
+            continue
+        pmd_e = st.walker.table(pmd_pa)[0]
+        if not pmd_e & PAGE_PRESENT:
+            continue
+        pte = st.walker.table(ctx.addr(pmd_e))
+        pages_in_group = {idx ^ ctx.rnd.page_random: idx for idx in ctx.used_pages
+                          if idx // PTE_STRIDE == g}
+        used_slots: set[int] = set()
+        for page, idx in sorted(pages_in_group.items()):
+            slots = pte_slots(page)
+            used_slots.update(slots)
+            entries = [pte[i] for i in slots]
+            cpu = idx * ESPFIX_STACKS_PER_PAGE
+            va = st.espfix_pages[idx] if idx < len(st.espfix_pages) else 0
+            want_pa = st.direct_map_pa(va) if va else None
+            absent = [i for i in slots if not pte[i] & PAGE_PRESENT]
+            if absent:
+                yield Finding("pte_clones", "error", f"stack page {idx}: {len(absent)} of "
+                              f"{ESPFIX_PTE_CLONES} PTE clones not present (first: pte[{absent[0]}])",
+                              cpu)
+            present = [e for e in entries if e & PAGE_PRESENT]
+            if len(set(present)) > 1:
+                common = Counter(present).most_common(1)[0][0]
+                odd = next(i for i in slots if pte[i] & PAGE_PRESENT and pte[i] != common)
+                yield Finding("pte_clones", "error", f"stack page {idx}: PTE clones differ: "
+                              f"pte[{odd}] = {pte[odd]:#x}, most are {common:#x}", cpu)
+            for e in set(present):
+                if want_pa is not None and ctx.addr(e) != want_pa:
+                    i = next(j for j in slots if pte[j] == e)
+                    yield Finding("pte_clones", "error", f"stack page {idx}: pte[{i}] maps "
+                                  f"{ctx.addr(e):#x}, espfix_pages[{idx}] is {want_pa:#x}", cpu)
+                if ctx.flags(e) not in allowed:
+                    i = next(j for j in slots if pte[j] == e)
+                    yield Finding("pte_prot", "error", f"stack page {idx}: pte[{i}] = {e:#x} has "
+                                  f"flags {decode_flags(e)}, the kernel sets "
+                                  f"{' or '.join(decode_flags(a) for a in sorted(allowed))}"
+                                  f"{_why(e)}", cpu)
+        for i, e in enumerate(pte):
+            if e & PAGE_PRESENT and i not in used_slots:
+                yield Finding("stray_pte", "error", f"group {g}: pte[{i}] = {e:#x} is present but "
+                              "maps no stack page in use", g * CPUS_PER_GROUP)
+
+
+def _why(entry: int) -> str:
+    bits = []
+    if entry & PAGE_RW:
+        bits.append("writable")
+    if entry & PAGE_USER:
+        bits.append("user-accessible")
+    if not entry & PAGE_NX:
+        bits.append("executable")
+    if not entry & PAGE_GLOBAL:
+        bits.append("not global")
+    return f" ({', '.join(bits)})" if bits else ""
+
+
+@check("walk")
+def check_walk(ctx: Context) -> Iterable[Finding]:
+    """The walk of ``espfix_stack`` from init_top_pgt (and from the PTI user
+    PGD) reaches the physical page behind ``espfix_waddr``."""
+    st = ctx.state
+    for cpu in _initialised(ctx):
+        c = st.cpus[cpu]
+        want = st.direct_map_pa(c.espfix_waddr)
+        roots = [False, True] if st.info.pti else [False]
+        for user in roots:
+            w = st.walk(c.espfix_stack, user)
+            name = "pti_walk" if user else "walk"
+            tables = "PTI user page tables" if user else "init_top_pgt"
+            if w.phys is None:
+                yield Finding(name, "error", f"{c.espfix_stack:#x} is not mapped in {tables}: "
+                              f"{w.fault}", cpu)
+            elif want is not None and w.phys >> 12 != want >> 12:
+                yield Finding(name, "error", f"{c.espfix_stack:#x} maps physical "
+                              f"{w.phys & ~0xFFF:#x} through {tables}, espfix_waddr's page is "
+                              f"{want & ~0xFFF:#x}", cpu)
+
+
+@check("pti")
+def check_pti(ctx: Context) -> Iterable[Finding]:
+    """With PTI the user tables carry the same espfix top entry
+    (``pti_clone_p4d(ESPFIX_BASE_ADDR)``); sysfs and memory agree on PTI."""
+    st = ctx.state
+    meltdown = st.host.meltdown
+    if meltdown is not None and ("PTI" in meltdown) != st.info.pti:
+        yield Finding("pti", "warning", f"sysfs meltdown status is {meltdown!r} but the user "
+                      f"half of init_top_pgt is {'populated' if st.info.pti else 'empty'}")
+    if not st.info.pti:
+        return
+    k, u = st.top_entry(), st.top_entry(user=True)
+    if u is None or not u.entry & PAGE_PRESENT:
+        yield Finding("pti", "error", "PTI is on but the user page tables have no espfix entry: "
+                      "pti_setup_espfix64() did not run, every espfix IRET would fault")
+    elif k is not None and u.entry != k.entry:
+        yield Finding("pti", "error", f"PTI user espfix entry {u.entry:#x} differs from the "
+                      f"kernel's {k.entry:#x}")
+
+
+@check("numa")
+def check_numa(ctx: Context) -> Iterable[Finding]:
+    """Ministacks on another node than their CPU (a fact, not an error: the
+    first CPU of a 64-group allocates the page on its own node)."""
+    st = ctx.state
+    host = st.host
+    if not host.cpu_node or not host.block_size:
+        return
+    remote: Counter = Counter()
+    for cpu in _initialised(ctx):
+        pa = st.direct_map_pa(st.cpus[cpu].espfix_waddr)
+        node = host.node_of_phys(pa) if pa is not None else None
+        cpu_node = host.cpu_node.get(cpu)
+        if node is not None and cpu_node is not None and node != cpu_node:
+            remote[cpu_node] += 1
+            yield Finding("numa", "info", f"ministack on node {node}, CPU on node {cpu_node}",
+                          cpu, {"stack_node": node, "cpu_node": cpu_node})
+    for node, n in sorted(remote.items()):
+        yield Finding("numa", "info", f"node {node}: {n} CPU(s) use a remote ministack", None,
+                      {"node": node, "remote_cpus": n})
+
+
+def audit(state: EspfixState) -> AuditResult:
+    ctx = Context(state)
+    findings: list[Finding] = []
+    for _name, fn in CHECKS:
+        findings.extend(fn(ctx))
+    bad = {f.cpu for f in findings if f.cpu is not None and f.severity != "info"}
+    return AuditResult(findings, ctx.rnd, ctx.rnd_source, bad)

@@ -1,0 +1,281 @@
+"""ELF core files: /proc/kcore, kdump vmcores and espfix-inspect snapshots.
+
+pyelftools parses the ELF and program headers (lazily: nothing else of a
+multi-terabyte /proc/kcore is touched); the notes are read from their raw
+bytes here, because pyelftools mis-decodes some core note types and the
+VMCOREINFO note is plain ``KEY=VALUE`` text.  Data is read with positioned
+reads (``os.pread``), never by loading a segment.
+
+Segment facts from ``fs/proc/kcore.c``: RAM ranges appear at their direct-map
+address with ``p_paddr`` = physical address (since 4.11), the kernel image
+(``KCORE_TEXT``, ``_text``..``_end``) with ``p_paddr = __pa_symbol()``, and
+vmalloc/vmemmap/module ranges with ``p_paddr = -1``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from .errors import InspectError
+
+__all__ = ["Segment", "Note", "ElfCore", "parse_notes", "parse_vmcoreinfo",
+           "NO_PADDR"]
+
+NO_PADDR = (1 << 64) - 1
+PT_LOAD = "PT_LOAD"
+PT_NOTE = "PT_NOTE"
+
+
+@dataclass(frozen=True)
+class Segment:
+    vaddr: int
+    paddr: int          # NO_PADDR for virtual-only segments
+    offset: int
+    filesz: int
+    memsz: int
+
+    @property
+    def has_paddr(self) -> bool:
+        return self.paddr != NO_PADDR
+
+
+@dataclass(frozen=True)
+class Note:
+    name: str
+    type: int
+    desc: bytes
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def parse_notes(data: bytes) -> list[Note]:
+    """Split a PT_NOTE segment into notes (Elf64_Nhdr: namesz, descsz, type;
+    name and desc each padded to 4 bytes, as the kernel writes them)."""
+    notes = []
+    off = 0
+    while off + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
+        off += 12
+        name_end = off + namesz
+        desc_off = off + _align4(namesz)
+        desc_end = desc_off + descsz
+        if desc_end > len(data):
+            break
+        name = data[off:name_end].rstrip(b"\0").decode("latin-1")
+        notes.append(Note(name, ntype, bytes(data[desc_off:desc_end])))
+        off = desc_off + _align4(descsz)
+        if namesz == 0 and descsz == 0 and ntype == 0:
+            break
+    return notes
+
+
+def parse_vmcoreinfo(desc: bytes) -> dict[str, str]:
+    """``KEY=VALUE`` lines of the VMCOREINFO note (kernel/vmcore_info.c)."""
+    info: dict[str, str] = {}
+    for line in desc.rstrip(b"\0").decode("latin-1").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            info[key.strip()] = value.strip()
+    return info
+
+
+class ElfCore:
+    """An ELF core file opened for positioned reads.
+
+    >>> core = ElfCore("/proc/kcore")           # doctest: +SKIP
+    >>> core.vmcoreinfo["OSRELEASE"]            # doctest: +SKIP
+    '6.1.0-41-amd64'
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.reads = 0
+        self.bytes_read = 0
+        self._fh: BinaryIO = _open_core(path)
+        try:
+            self._load_headers()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _load_headers(self) -> None:
+        path = self.path
+        fh = self._fh
+        magic = fh.read(4)
+        fh.seek(0)
+        if magic != b"\x7fELF":
+            raise InspectError(f"{path} is not an ELF core (no ELF magic)",
+                               "pass a /proc/kcore, a kdump vmcore or an espfix-inspect snapshot")
+        try:
+            elf = ELFFile(fh)
+            if elf.header["e_type"] != "ET_CORE":
+                raise InspectError(f"{path} is an ELF file of type {elf.header['e_type']}, not a core",
+                                   "pass a core (a vmlinux goes to --symbols)")
+            if elf.elfclass != 64 or elf.header["e_machine"] != "EM_X86_64":
+                raise InspectError(f"{path} is not an x86-64 core "
+                                   f"({elf.elfclass}-bit, {elf.header['e_machine']})",
+                                   "espfix64 exists only on x86-64 kernels")
+            raw = [(s["p_type"], s["p_vaddr"], s["p_paddr"], s["p_offset"],
+                    s["p_filesz"], s["p_memsz"]) for s in elf.iter_segments()]
+        except (ELFError, struct.error, ValueError) as e:
+            raise InspectError(f"{path}: unreadable ELF headers ({e})",
+                               "the file is damaged or truncated; capture it again") from None
+        try:
+            size = os.fstat(fh.fileno()).st_size
+        except OSError:
+            size = 0
+        # /proc/kcore reports its logical size; a regular file must hold all
+        # of every segment it declares.
+        self.file_size = size
+        self.segments: list[Segment] = []
+        notes_raw = b""
+        for ptype, vaddr, paddr, off, filesz, memsz in raw:
+            if ptype in (PT_LOAD, PT_NOTE) and size and off + filesz > size:
+                raise InspectError(
+                    f"{path} is truncated: a segment ends at byte {off + filesz:#x} "
+                    f"but the file has {size:#x} bytes",
+                    "copy or capture the whole core again")
+            if ptype == PT_LOAD:
+                self.segments.append(Segment(vaddr, paddr, off, filesz, memsz))
+            elif ptype == PT_NOTE:
+                notes_raw += self._pread(off, filesz)
+        self.notes = parse_notes(notes_raw)
+        self.vmcoreinfo: dict[str, str] = {}
+        for note in self.notes:
+            if note.name == "VMCOREINFO":
+                self.vmcoreinfo = parse_vmcoreinfo(note.desc)
+        self._by_vaddr = sorted(self.segments, key=lambda s: s.vaddr)
+        self._vstarts = [s.vaddr for s in self._by_vaddr]
+        self._by_paddr = sorted((s for s in self.segments if s.has_paddr),
+                                key=lambda s: s.paddr)
+        self._pstarts = [s.paddr for s in self._by_paddr]
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "ElfCore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def note(self, name: str) -> Note | None:
+        for n in self.notes:
+            if n.name == name:
+                return n
+        return None
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        try:
+            data = os.pread(self._fh.fileno(), size, offset)
+        except OSError as e:
+            raise InspectError(f"reading {self.path} at offset {offset:#x} failed: "
+                               f"{e.strerror}", _read_fix(e)) from None
+        self.reads += 1
+        self.bytes_read += len(data)
+        if len(data) < size:
+            raise InspectError(f"{self.path} is truncated: short read at offset {offset:#x}",
+                               "copy or capture the whole core again")
+        return data
+
+    @staticmethod
+    def _find(starts: list[int], segs: list[Segment], addr: int, key: str) -> Segment | None:
+        i = bisect.bisect_right(starts, addr) - 1
+        # Segments may overlap (the kernel image also lies inside a RAM
+        # range): look back a few entries for one that contains addr.
+        for j in range(i, max(i - 4, -1), -1):
+            s = segs[j]
+            if getattr(s, key) <= addr < getattr(s, key) + s.memsz:
+                return s
+        return None
+
+    def segment_for_vaddr(self, addr: int) -> Segment | None:
+        return self._find(self._vstarts, self._by_vaddr, addr, "vaddr")
+
+    def segment_for_paddr(self, paddr: int) -> Segment | None:
+        return self._find(self._pstarts, self._by_paddr, paddr, "paddr")
+
+    def _read_in(self, seg: Segment, rel: int, size: int) -> bytes:
+        if rel + size > seg.memsz:
+            return b""
+        if rel >= seg.filesz:
+            return bytes(size)
+        n = min(size, seg.filesz - rel)
+        data = self._pread(seg.offset + rel, n)
+        return data + bytes(size - n)
+
+    def read_vaddr(self, addr: int, size: int) -> bytes | None:
+        """Bytes at a virtual address, or None when no segment covers them all."""
+        seg = self.segment_for_vaddr(addr)
+        if seg is None:
+            return None
+        data = self._read_in(seg, addr - seg.vaddr, size)
+        return data if len(data) == size else None
+
+    def read_paddr(self, paddr: int, size: int) -> bytes | None:
+        """Bytes at a physical address, or None when no segment covers them all."""
+        seg = self.segment_for_paddr(paddr)
+        if seg is None:
+            return None
+        data = self._read_in(seg, paddr - seg.paddr, size)
+        return data if len(data) == size else None
+
+
+def _read_fix(e: OSError) -> str:
+    if e.errno in (errno.EPERM, errno.EACCES):
+        return "run as root with CAP_SYS_RAWIO; kernel lockdown also refuses /proc/kcore"
+    if e.errno == errno.EIO:
+        return "the kernel refused the read; check dmesg"
+    return "check the file"
+
+
+def _open_core(path: str) -> BinaryIO:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if path == "/proc/kcore":
+            raise InspectError("/proc/kcore does not exist on this kernel "
+                               "(CONFIG_PROC_KCORE is off, or /proc is not mounted)",
+                               "inspect a saved core or snapshot with --core FILE") from None
+        raise InspectError(f"{path} does not exist", "check the --core path") from None
+    except OSError as e:
+        raise InspectError(f"cannot stat {path}: {e.strerror}", "check the --core path") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InspectError(f"{path} is a directory", "pass a core file with --core")
+    try:
+        return open(path, "rb", buffering=0)
+    except PermissionError:
+        if path.startswith("/proc/"):
+            if os.geteuid() != 0:
+                raise InspectError(f"permission denied opening {path}: not root",
+                                   "run espfix-inspect as root (sudo)") from None
+            raise InspectError(f"permission denied opening {path} as root: kernel lockdown "
+                               f"({_lockdown_state()}) or a missing CAP_SYS_RAWIO",
+                               "boot without lockdown, or inspect a kdump vmcore offline") from None
+        raise InspectError(f"permission denied opening {path}",
+                           "make the core readable, or run as root") from None
+    except OSError as e:
+        raise InspectError(f"cannot open {path}: {e.strerror}", _read_fix(e)) from None
+
+
+def _lockdown_state() -> str:
+    try:
+        with open("/sys/kernel/security/lockdown") as f:
+            text = f.read()
+    except OSError:
+        return "state unknown"
+    for word in text.split():
+        if word.startswith("["):
+            return "lockdown=" + word.strip("[]")
+    return "state unknown"

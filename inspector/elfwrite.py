@@ -1,0 +1,108 @@
+"""Writing small ELF core files (snapshots; synthetic cores in the tests).
+
+pyelftools only reads ELF, so the writer is here: an ELF64 little-endian
+``ET_CORE`` for ``EM_X86_64`` with one ``PT_NOTE`` and ``PT_LOAD`` segments,
+laid out like /proc/kcore (``fs/proc/kcore.c``): notes first, then segment data
+page-aligned.  Output is written atomically (a temporary file in the same
+directory, fsync, rename), so a reader never sees half a core.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Sequence
+
+from .elfcore import NO_PADDR
+
+__all__ = ["LoadSegment", "NoteEntry", "build_notes", "write_core", "atomic_output"]
+
+PT_LOAD = 1
+PT_NOTE = 4
+ET_CORE = 4
+EM_X86_64 = 62
+EHDR_SIZE = 64
+PHDR_SIZE = 56
+
+
+@dataclass(frozen=True)
+class LoadSegment:
+    vaddr: int
+    data: bytes
+    paddr: int = NO_PADDR
+    memsz: int | None = None        # > len(data): the rest reads as zeros
+
+
+@dataclass(frozen=True)
+class NoteEntry:
+    name: str
+    type: int
+    desc: bytes
+
+
+def _pad4(b: bytes) -> bytes:
+    return b + b"\0" * (-len(b) % 4)
+
+
+def build_notes(notes: Sequence[NoteEntry]) -> bytes:
+    out = bytearray()
+    for n in notes:
+        name = n.name.encode() + b"\0"
+        out += struct.pack("<III", len(name), len(n.desc), n.type)
+        out += _pad4(name) + _pad4(n.desc)
+    return bytes(out)
+
+
+@contextmanager
+def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Yield a file object; on success it replaces *path* atomically."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_core(path: str, segments: Sequence[LoadSegment], notes: Sequence[NoteEntry]) -> int:
+    """Write an ELF core; returns its size in bytes."""
+    note_blob = build_notes(notes)
+    phnum = 1 + len(segments)
+    offset = EHDR_SIZE + PHDR_SIZE * phnum
+    note_off = offset
+    offset += len(note_blob)
+    placed = []
+    for seg in segments:
+        offset = (offset + 4095) & ~4095 if len(seg.data) >= 4096 else (offset + 7) & ~7
+        placed.append(offset)
+        offset += len(seg.data)
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr = ident + struct.pack("<HHIQQQIHHHHHH", ET_CORE, EM_X86_64, 1, 0, EHDR_SIZE, 0, 0,
+                               EHDR_SIZE, PHDR_SIZE, phnum, 0, 0, 0)
+    phdrs = [struct.pack("<IIQQQQQQ", PT_NOTE, 0, note_off, 0, 0, len(note_blob), 0, 4)]
+    for seg, off in zip(segments, placed):
+        memsz = max(seg.memsz or 0, len(seg.data))
+        phdrs.append(struct.pack("<IIQQQQQQ", PT_LOAD, 7, off, seg.vaddr, seg.paddr,
+                                 len(seg.data), memsz, 4096))
+    with atomic_output(path) as fh:
+        fh.write(ehdr)
+        fh.write(b"".join(phdrs))
+        fh.write(note_blob)
+        pos = note_off + len(note_blob)
+        for seg, off in zip(segments, placed):
+            fh.write(b"\0" * (off - pos))
+            fh.write(seg.data)
+            pos = off + len(seg.data)
+    return offset

@@ -1,0 +1,129 @@
+"""Memory sources: one small interface over every place kernel memory comes from.
+
+A :class:`MemorySource` answers two questions: the bytes at a kernel virtual
+address *that the source maps directly* (kcore/vmcore segments), and the
+bytes at a physical address.  Whole physical pages are cached, so a
+page-table or stack page is read from the file at most once; ``stats`` counts
+what was read, which the benchmark reports and a test holds to "once".
+
+Sources: :class:`CoreMemory` for any ELF core (/proc/kcore, a kdump vmcore, an
+espfix-inspect snapshot; a synthetic core in the tests is just another file).
+:class:`RecordingMemory` wraps a source and remembers every range it served,
+which is what ``snapshot`` writes out.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .elfcore import ElfCore
+from .errors import InspectError
+
+__all__ = ["MemorySource", "CoreMemory", "RecordingMemory", "ReadStats", "PAGE_SIZE"]
+
+PAGE_SIZE = 4096
+PAGE_MASK = ~(PAGE_SIZE - 1)
+
+
+@dataclass
+class ReadStats:
+    pages_read: int = 0                      # distinct physical pages fetched
+    page_fetches: Counter = field(default_factory=Counter)   # pfn -> fetch count
+    small_reads: int = 0                     # word-sized virtual/physical reads
+
+    def max_fetches_per_page(self) -> int:
+        return max(self.page_fetches.values(), default=0)
+
+
+class MemorySource(Protocol):
+    stats: ReadStats
+
+    def read_virt(self, addr: int, size: int) -> bytes | None:
+        """Bytes at *addr* if the source maps that virtual range, else None."""
+
+    def read_phys(self, paddr: int, size: int) -> bytes:
+        """Bytes at physical *paddr*; raises InspectError when not present."""
+
+    def phys_page(self, paddr: int) -> bytes:
+        """The whole 4 KiB page containing *paddr* (cached)."""
+
+
+class CoreMemory:
+    """Memory of an :class:`~inspector.elfcore.ElfCore`."""
+
+    def __init__(self, core: ElfCore) -> None:
+        self.core = core
+        self.stats = ReadStats()
+        self._pages: dict[int, bytes] = {}
+
+    def read_virt(self, addr: int, size: int) -> bytes | None:
+        self.stats.small_reads += 1
+        return self.core.read_vaddr(addr, size)
+
+    def phys_page(self, paddr: int) -> bytes:
+        base = paddr & PAGE_MASK
+        page = self._pages.get(base)
+        if page is None:
+            data = self.core.read_paddr(base, PAGE_SIZE)
+            if data is None:
+                raise InspectError(
+                    f"physical page {base:#x} is not in {self.core.path}",
+                    "the core lacks that memory (a filtered vmcore or an incomplete "
+                    "snapshot); capture it with espfix-inspect snapshot or makedumpfile -d 0")
+            self._pages[base] = page = data
+            self.stats.pages_read += 1
+            self.stats.page_fetches[base >> 12] += 1
+        return page
+
+    def read_phys(self, paddr: int, size: int) -> bytes:
+        off = paddr & (PAGE_SIZE - 1)
+        if off + size <= PAGE_SIZE and (paddr & PAGE_MASK) in self._pages:
+            return self._pages[paddr & PAGE_MASK][off:off + size]
+        self.stats.small_reads += 1
+        data = self.core.read_paddr(paddr, size)
+        if data is None:
+            raise InspectError(f"physical address {paddr:#x} is not in {self.core.path}",
+                               "the core lacks that memory; capture a complete core")
+        return data
+
+
+class RecordingMemory:
+    """Wraps a source and records the virtual and physical ranges it served.
+
+    ``virt`` holds ``(addr, bytes)`` of segment-served virtual reads and
+    ``phys`` ``(paddr, bytes)`` of physical reads (whole pages for cached
+    pages).  Overlaps are resolved by the snapshot writer.
+    """
+
+    def __init__(self, inner: MemorySource) -> None:
+        self.inner = inner
+        self.stats = inner.stats
+        self.virt: dict[int, bytes] = {}
+        self.phys: dict[int, bytes] = {}
+
+    def read_virt(self, addr: int, size: int) -> bytes | None:
+        data = self.inner.read_virt(addr, size)
+        if data is not None:
+            prev = self.virt.get(addr)
+            if prev is None or len(prev) < len(data):
+                self.virt[addr] = data
+        return data
+
+    def phys_page(self, paddr: int) -> bytes:
+        page = self.inner.phys_page(paddr)
+        self.phys[paddr & PAGE_MASK] = page
+        return page
+
+    def read_phys(self, paddr: int, size: int) -> bytes:
+        data = self.inner.read_phys(paddr, size)
+        prev = self.phys.get(paddr)
+        if prev is None or len(prev) < len(data):
+            self.phys[paddr] = data
+        return data
+
+
+def u64(data: bytes, off: int = 0) -> int:
+    return struct.unpack_from("<Q", data, off)[0]

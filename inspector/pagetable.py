@@ -1,0 +1,141 @@
+"""x86-64 page-table walker, 4- and 5-level, over any memory source.
+
+The paging format is data (:data:`LEVELS_4`, :data:`LEVELS_5`): one loop walks
+either.  Table pages come from the memory source's page cache and are unpacked
+once into tuples of 512 entries, so repeated walks through the same PUD, PMD
+and PTE pages cost no reads.
+
+Bits are those of ``arch/x86/include/asm/pgtable_types.h``.  On AMD SME/SEV
+hosts the encryption bit (``sme_me_mask``, VMCOREINFO ``NUMBER(sme_mask)``)
+is set in entries and is masked off before an entry's address is used.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+from .memory import MemorySource
+
+__all__ = ["Level", "LEVELS_4", "LEVELS_5", "Step", "Walk", "PageTableWalker",
+           "decode_flags", "PAGE_PRESENT", "PAGE_RW", "PAGE_USER", "PAGE_PWT",
+           "PAGE_PCD", "PAGE_ACCESSED", "PAGE_DIRTY", "PAGE_PSE", "PAGE_GLOBAL",
+           "PAGE_NX", "PHYS_ADDR_MASK", "FLAGS_MASK"]
+
+PAGE_PRESENT = 1 << 0
+PAGE_RW = 1 << 1
+PAGE_USER = 1 << 2
+PAGE_PWT = 1 << 3
+PAGE_PCD = 1 << 4
+PAGE_ACCESSED = 1 << 5
+PAGE_DIRTY = 1 << 6
+PAGE_PSE = 1 << 7
+PAGE_GLOBAL = 1 << 8
+PAGE_NX = 1 << 63
+#: ``PTE_PFN_MASK`` with ``__PHYSICAL_MASK_SHIFT`` = 52.
+PHYS_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
+#: Everything that is not the address: the low 12 bits and bits 52..63.
+FLAGS_MASK = ~PHYS_ADDR_MASK & ((1 << 64) - 1)
+
+_FLAG_NAMES = ((PAGE_PRESENT, "P"), (PAGE_RW, "RW"), (PAGE_USER, "USER"),
+               (PAGE_PWT, "PWT"), (PAGE_PCD, "PCD"), (PAGE_ACCESSED, "A"),
+               (PAGE_DIRTY, "D"), (PAGE_PSE, "PSE"), (PAGE_GLOBAL, "G"),
+               (PAGE_NX, "NX"))
+
+
+def decode_flags(entry: int) -> str:
+    """``0x8000000000000161`` -> ``'P|A|D|G|NX'`` (RW absent means read-only)."""
+    return "|".join(name for bit, name in _FLAG_NAMES if entry & bit) or "-"
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    shift: int
+    large_page: bool   # may a PSE entry here map a page (PUD: 1 GiB, PMD: 2 MiB)?
+
+    def index(self, vaddr: int) -> int:
+        return (vaddr >> self.shift) & 511
+
+
+LEVELS_4: tuple[Level, ...] = (Level("pgd", 39, False), Level("pud", 30, True),
+                               Level("pmd", 21, True), Level("pte", 12, False))
+LEVELS_5: tuple[Level, ...] = (Level("pgd", 48, False), Level("p4d", 39, False),
+                               *LEVELS_4[1:])
+
+
+@dataclass(frozen=True)
+class Step:
+    level: str
+    index: int
+    table: int      # physical address of the table page
+    entry: int
+
+    def as_dict(self) -> dict:
+        return {"level": self.level, "index": self.index, "table": f"{self.table:#x}",
+                "entry": f"{self.entry:#x}", "flags": decode_flags(self.entry)}
+
+
+@dataclass(frozen=True)
+class Walk:
+    vaddr: int
+    steps: tuple[Step, ...]
+    phys: int | None          # physical address of vaddr, None if not mapped
+    page_size: int
+    fault: str | None         # e.g. "pmd entry 12 not present"
+
+    def step(self, level: str) -> Step | None:
+        for s in self.steps:
+            if s.level == level:
+                return s
+        return None
+
+
+class PageTableWalker:
+    """Walks page tables rooted at a physical PGD address.
+
+    >>> w = PageTableWalker(mem, levels=5, sme_mask=0)       # doctest: +SKIP
+    >>> hex(w.walk(pgd_pa, 0xffffff3a00005440).phys)          # doctest: +SKIP
+    '0x10a2c5440'
+    """
+
+    def __init__(self, mem: MemorySource, levels: int, sme_mask: int = 0) -> None:
+        if levels not in (4, 5):
+            raise ValueError("levels must be 4 or 5")
+        self.mem = mem
+        self.levels: Sequence[Level] = LEVELS_5 if levels == 5 else LEVELS_4
+        self.addr_mask = PHYS_ADDR_MASK & ~sme_mask
+        self._tables: dict[int, tuple[int, ...]] = {}
+
+    def table(self, paddr: int) -> tuple[int, ...]:
+        """The 512 entries of the table page at *paddr* (cached)."""
+        paddr &= ~0xFFF
+        t = self._tables.get(paddr)
+        if t is None:
+            t = struct.unpack("<512Q", self.mem.phys_page(paddr))
+            self._tables[paddr] = t
+        return t
+
+    def entry_addr(self, entry: int) -> int:
+        return entry & self.addr_mask
+
+    def walk(self, pgd_paddr: int, vaddr: int) -> Walk:
+        table = pgd_paddr & ~0xFFF
+        steps: list[Step] = []
+        for level in self.levels:
+            idx = level.index(vaddr)
+            entry = self.table(table)[idx]
+            steps.append(Step(level.name, idx, table, entry))
+            if not entry & PAGE_PRESENT:
+                return Walk(vaddr, tuple(steps), None, 0,
+                            f"{level.name}[{idx}] not present")
+            if level.shift == 12 or (level.large_page and entry & PAGE_PSE):
+                size = 1 << level.shift
+                base = entry & self.addr_mask & ~(size - 1)
+                return Walk(vaddr, tuple(steps), base | (vaddr & (size - 1)), size, None)
+            table = self.entry_addr(entry)
+        raise AssertionError("unreachable: the last level maps a page")
+
+    def translate(self, pgd_paddr: int, vaddr: int) -> int | None:
+        return self.walk(pgd_paddr, vaddr).phys

@@ -1,0 +1,185 @@
+"""Kernel symbols: /proc/kallsyms, System.map, or a vmlinux ELF.
+
+kallsyms and System.map share one text format (``ADDRESS TYPE NAME
+[MODULE]``); a vmlinux is read with pyelftools (its ``.symtab``).  Files from a
+build (System.map, vmlinux) hold link-time addresses; a running KASLR kernel
+moves its image by ``KERNELOFFSET`` (VMCOREINFO).  Only addresses in the
+kernel image (at or above ``__START_KERNEL_map``) move: the zero-based per-CPU
+symbols of kernels before 6.15 (type ``A``, e.g. ``espfix_stack`` at 0x19008)
+are offsets into each CPU's area and never move.  From 6.15 per-CPU symbols
+are ordinary image addresses (``include/asm-generic/percpu.h``,
+``arch/x86/kernel/vmlinux.lds.S``) and move like the rest.
+
+Matching a symbol file to a core is done one level up (:mod:`inspector.target`);
+this module only reads files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from .errors import InspectError
+
+__all__ = ["START_KERNEL_MAP", "SymbolTable", "load_symbols", "parse_symbol_text"]
+
+#: ``__START_KERNEL_map`` (arch/x86/include/asm/page_64_types.h).
+START_KERNEL_MAP = 0xFFFFFFFF80000000
+MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SymbolTable:
+    """Name -> address for the kernel image (module symbols are dropped)."""
+
+    source: str
+    kind: str                       # "kallsyms", "system.map", "vmlinux", "snapshot"
+    addresses: dict[str, int]
+    types: dict[str, str] = field(default_factory=dict)
+    banner: bytes | None = None     # linux_banner bytes, from a vmlinux
+    shift: int = 0                  # KASLR shift applied (0 for live kallsyms)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.addresses
+
+    def get(self, name: str) -> int | None:
+        return self.addresses.get(name)
+
+    def __getitem__(self, name: str) -> int:
+        try:
+            return self.addresses[name]
+        except KeyError:
+            raise InspectError(f"symbol {name} is not in {self.source}",
+                               "use the symbol file of the inspected kernel "
+                               "(a vmlinux with debug symbols has every static)") from None
+
+    def shifted(self, offset: int) -> "SymbolTable":
+        """The table as seen in a kernel whose image moved by *offset* bytes."""
+        if not offset:
+            return self
+        moved = {n: ((a + offset) & MASK64 if a >= START_KERNEL_MAP else a)
+                 for n, a in self.addresses.items()}
+        return SymbolTable(self.source, self.kind, moved, self.types, self.banner,
+                           (self.shift + offset) & MASK64)
+
+    def is_percpu_zero_based(self) -> bool:
+        """True for the pre-6.15 convention: per-CPU symbols are small offsets."""
+        start = self.addresses.get("__per_cpu_start")
+        if start is not None:
+            return start < START_KERNEL_MAP
+        stack = self.addresses.get("espfix_stack")
+        return stack is not None and stack < START_KERNEL_MAP
+
+
+def parse_symbol_text(text: str, source: str, kind: str) -> SymbolTable:
+    """Parse kallsyms/System.map text.  Raises InspectError on unusable input."""
+    addresses: dict[str, int] = {}
+    types: dict[str, str] = {}
+    parsed = 0
+    nonzero = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        try:
+            addr = int(parts[0], 16)
+        except ValueError:
+            continue
+        if len(parts[1]) != 1:
+            continue
+        parsed += 1
+        if len(parts) > 3 and parts[3].startswith("["):
+            continue                          # a module's symbol
+        if addr:
+            nonzero += 1
+        name = parts[2]
+        if name not in addresses:
+            addresses[name] = addr
+            types[name] = parts[1]
+    if not parsed:
+        raise InspectError(f"{source} holds no symbols",
+                           "pass /proc/kallsyms, the kernel's System.map or its vmlinux")
+    if not nonzero:
+        if source == "/proc/kallsyms":
+            raise InspectError("/proc/kallsyms shows every address as 0: kptr_restrict hides "
+                               "kernel addresses (or the reader lacks CAP_SYSLOG)",
+                               "run as root with kernel.kptr_restrict=0 or 1, or pass "
+                               "--symbols with this kernel's System.map or vmlinux")
+        raise InspectError(f"{source} shows every address as 0 (saved from a kallsyms "
+                           "hidden by kptr_restrict)",
+                           "save it again as root with kernel.kptr_restrict <= 1")
+    if "_text" not in addresses and "_stext" not in addresses:
+        raise InspectError(f"{source} has no _text or _stext: not a kernel symbol file",
+                           "pass /proc/kallsyms, the kernel's System.map or its vmlinux")
+    return SymbolTable(source, kind, addresses, types)
+
+
+def _load_vmlinux(path: str, fh) -> SymbolTable:
+    try:
+        elf = ELFFile(fh)
+        symtab = elf.get_section_by_name(".symtab")
+        if not isinstance(symtab, SymbolTableSection):
+            raise InspectError(f"{path} has no symbol table (stripped)",
+                               "use the unstripped vmlinux (Debian: linux-image-*-dbg) "
+                               "or the System.map")
+        addresses: dict[str, int] = {}
+        types: dict[str, str] = {}
+        for sym in symtab.iter_symbols():
+            name = sym.name
+            if not name or sym["st_info"]["type"] in ("STT_FILE", "STT_SECTION"):
+                continue
+            if name not in addresses:
+                addresses[name] = sym["st_value"]
+                types[name] = "A" if sym["st_shndx"] == "SHN_ABS" else "D"
+        banner = _vmlinux_banner(elf, addresses.get("linux_banner"))
+    except (ELFError, ValueError, KeyError) as e:
+        raise InspectError(f"{path}: unreadable vmlinux ({e})",
+                           "pass an uncorrupted vmlinux of the inspected kernel") from None
+    if "_text" not in addresses and "_stext" not in addresses:
+        raise InspectError(f"{path} has no _text or _stext: not a Linux vmlinux",
+                           "pass the vmlinux of the inspected kernel")
+    return SymbolTable(path, "vmlinux", addresses, types, banner)
+
+
+def _vmlinux_banner(elf: ELFFile, addr: int | None) -> bytes | None:
+    """The NUL-terminated ``linux_banner`` string as stored in the vmlinux."""
+    if addr is None:
+        return None
+    for seg in elf.iter_segments():
+        if seg["p_type"] != "PT_LOAD":
+            continue
+        start = seg["p_vaddr"]
+        if start <= addr < start + seg["p_filesz"]:
+            stream = elf.stream
+            stream.seek(seg["p_offset"] + addr - start)
+            return stream.read(512).split(b"\0", 1)[0]
+    return None
+
+
+def load_symbols(path: str) -> SymbolTable:
+    """Load a kallsyms/System.map text file or a vmlinux ELF."""
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise InspectError(f"symbol file {path} does not exist",
+                           "pass /proc/kallsyms, the kernel's System.map or its vmlinux") from None
+    except PermissionError:
+        raise InspectError(f"permission denied reading {path}",
+                           "run as root, or make the symbol file readable") from None
+    except OSError as e:
+        raise InspectError(f"cannot read {path}: {e.strerror}", "check the --symbols path") from None
+    with fh:
+        head = fh.read(4)
+        fh.seek(0)
+        if head == b"\x7fELF":
+            return _load_vmlinux(path, fh)
+        data = fh.read()
+    if b"\0" in data[:4096]:
+        raise InspectError(f"{path} is neither a vmlinux nor kallsyms/System.map text",
+                           "pass /proc/kallsyms, the kernel's System.map or its vmlinux")
+    kind = "kallsyms" if os.path.basename(path) == "kallsyms" else "system.map"
+    return parse_symbol_text(data.decode("latin-1"), path, kind)

@@ -1,0 +1,193 @@
+"""A target: one kernel's memory (an ELF core) bound to its symbols, verified.
+
+Live and offline are the same code: ``/proc/kcore`` + ``/proc/kallsyms`` is one
+target, a vmcore + System.map/vmlinux another, a snapshot (which carries its
+own symbols in a note) a third.
+
+The symbol file is matched to the core through VMCOREINFO
+(``kernel/vmcore_info.c``, ``arch/x86/kernel/machine_kexec_64.c``): every
+``SYMBOL(name)`` it exports must agree with the file once the file is
+shifted by ``KERNELOFFSET`` (System.map, vmlinux) or not at all (a live or
+saved kallsyms), and ``linux_banner`` in memory must name the core's
+``OSRELEASE`` (for a vmlinux: be its banner byte for byte).  Anything else is
+a symbol file from another build and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .elfcore import ElfCore
+from .errors import InspectError
+from .memory import CoreMemory, MemorySource
+from .symbols import MASK64, START_KERNEL_MAP, SymbolTable, load_symbols, parse_symbol_text
+
+__all__ = ["Target", "open_target", "SNAPSHOT_NOTE", "NT_SYMBOLS", "NT_META",
+           "KCORE_PATH", "KALLSYMS_PATH"]
+
+KCORE_PATH = "/proc/kcore"
+KALLSYMS_PATH = "/proc/kallsyms"
+#: Name of the notes an espfix-inspect snapshot adds to its core.
+SNAPSHOT_NOTE = "ESPFIX-INSPECT"
+NT_SYMBOLS = 1     # kallsyms-format text of the symbols the inspector used
+NT_META = 2        # JSON: capture time, host facts (sysfs), tool version
+
+
+def _num(value: str) -> int:
+    return int(value, 0) if value.lstrip("-").startswith("0x") else int(value, 10)
+
+
+def _signed64(v: int) -> int:
+    v &= MASK64
+    return v - (1 << 64) if v >> 63 else v
+
+
+@dataclass
+class Target:
+    core: ElfCore
+    mem: MemorySource
+    symbols: SymbolTable
+    vmcoreinfo: dict[str, str]
+    live: bool
+    meta: dict = field(default_factory=dict)      # snapshot metadata, {} otherwise
+
+    @property
+    def osrelease(self) -> str:
+        return self.vmcoreinfo.get("OSRELEASE", "unknown")
+
+    @property
+    def kaslr_offset(self) -> int:
+        v = self.vmcoreinfo.get("KERNELOFFSET")
+        return int(v, 16) if v else 0
+
+    @property
+    def phys_base(self) -> int:
+        """``phys_base`` as a signed delta (it is "negative" under some KASLR)."""
+        v = self.vmcoreinfo.get("NUMBER(phys_base)")
+        if v is None:
+            raise InspectError(f"{self.core.path}: VMCOREINFO lacks NUMBER(phys_base)",
+                               "this core is not from an x86-64 kernel with kexec support")
+        return _signed64(_num(v))
+
+    @property
+    def sme_mask(self) -> int:
+        v = self.vmcoreinfo.get("NUMBER(sme_mask)")
+        return _num(v) & MASK64 if v else 0
+
+    def pa_symbol(self, vaddr: int) -> int:
+        """``__pa_symbol()``: physical address of a kernel-image address."""
+        return (vaddr - START_KERNEL_MAP + self.phys_base) & MASK64
+
+    def close(self) -> None:
+        self.core.close()
+
+
+def _embedded_symbols(core: ElfCore) -> SymbolTable | None:
+    for note in core.notes:
+        if note.name == SNAPSHOT_NOTE and note.type == NT_SYMBOLS:
+            table = parse_symbol_text(note.desc.decode("latin-1"),
+                                      f"{core.path} (embedded symbols)", "snapshot")
+            return table
+    return None
+
+
+def _meta(core: ElfCore) -> dict:
+    for note in core.notes:
+        if note.name == SNAPSHOT_NOTE and note.type == NT_META:
+            try:
+                return json.loads(note.desc.rstrip(b"\0").decode())
+            except ValueError:
+                raise InspectError(f"{core.path}: damaged snapshot metadata note",
+                                   "capture the snapshot again") from None
+    return {}
+
+
+def _vmcoreinfo_symbols(info: dict[str, str]) -> dict[str, int]:
+    out = {}
+    for key, value in info.items():
+        if key.startswith("SYMBOL(") and key.endswith(")"):
+            try:
+                out[key[7:-1]] = int(value, 16)
+            except ValueError:
+                continue
+    return out
+
+
+def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolTable:
+    """Shift *syms* to the running image and prove it belongs to *core*."""
+    info = core.vmcoreinfo
+    release = info.get("OSRELEASE", "?")
+    exported = _vmcoreinfo_symbols(info)
+    offset = int(info["KERNELOFFSET"], 16) if "KERNELOFFSET" in info else 0
+    shifts = [0] if syms.kind in ("kallsyms", "snapshot") else [offset, 0]
+    fix = (f"use /proc/kallsyms of the running kernel, or the System.map/vmlinux "
+           f"built with the inspected kernel ({release})")
+    chosen: SymbolTable | None = None
+    mismatch = ""
+    for shift in dict.fromkeys(shifts):
+        cand = syms.shifted(shift)
+        bad = [n for n in exported if n in cand and cand[n] != exported[n]]
+        if not bad:        # all agree (or none to compare: the banner decides)
+            chosen = cand
+            break
+        if not mismatch:
+            n = bad[0]
+            mismatch = f"{n} is {cand[n]:#x} there but {exported[n]:#x} in the core"
+    if chosen is None:
+        raise InspectError(f"{syms.source} is from another kernel build: {mismatch}", fix)
+    banner_addr = chosen.get("linux_banner")
+    if banner_addr is not None:
+        data = mem.read_virt(banner_addr, 256)
+        if data is None:
+            data = _read_image(core, banner_addr, chosen, info)
+        text = (data or b"").split(b"\0", 1)[0]
+        expect = b"Linux version " + release.encode()
+        if not text.startswith(expect + b" "):
+            shown = text[:60].decode("latin-1", "replace") or "nothing readable"
+            raise InspectError(f"{syms.source} is from another kernel build: its linux_banner "
+                               f"address shows {shown!r}, not Linux version {release}", fix)
+        if chosen.banner is not None and chosen.banner != text:
+            raise InspectError(f"{syms.source} is from another build of {release}: "
+                               "its linux_banner differs from the running kernel's", fix)
+    return chosen
+
+
+def _read_image(core: ElfCore, vaddr: int, syms: SymbolTable, info: dict) -> bytes | None:
+    """Read a kernel-image address through its physical alias (vmcores
+    without a kernel-text segment)."""
+    if vaddr < START_KERNEL_MAP or "NUMBER(phys_base)" not in info:
+        return None
+    pa = (vaddr - START_KERNEL_MAP + _signed64(_num(info["NUMBER(phys_base)"]))) & MASK64
+    return core.read_paddr(pa, 256)
+
+
+def open_target(core_path: str = KCORE_PATH, symbols_path: str | None = None,
+                wrap=None) -> Target:
+    """Open a core and its symbols.  *wrap* may wrap the memory source
+    (e.g. :class:`~inspector.memory.RecordingMemory` for snapshots)."""
+    core = ElfCore(core_path)
+    try:
+        if not core.vmcoreinfo:
+            raise InspectError(f"{core_path} has no VMCOREINFO note (kernel before 4.19, "
+                               "or CONFIG_VMCORE_INFO/CRASH_CORE off)",
+                               "inspect a kernel that exports VMCOREINFO, or a snapshot")
+        mem: MemorySource = CoreMemory(core)
+        if wrap is not None:
+            mem = wrap(mem)
+        if symbols_path is not None:
+            syms = load_symbols(symbols_path)
+        else:
+            embedded = _embedded_symbols(core)
+            if embedded is not None:
+                syms = embedded
+            elif core_path == KCORE_PATH:
+                syms = load_symbols(KALLSYMS_PATH)
+            else:
+                raise InspectError(f"{core_path} carries no symbols",
+                                   "pass --symbols with the kernel's System.map or vmlinux")
+        syms = bind_symbols(syms, core, mem)
+        return Target(core, mem, syms, core.vmcoreinfo, core_path == KCORE_PATH, _meta(core))
+    except BaseException:
+        core.close()
+        raise
