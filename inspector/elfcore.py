@@ -190,21 +190,24 @@ class ElfCore:
         return data
 
     @staticmethod
-    def _find(starts: list[int], segs: list[Segment], addr: int, key: str) -> Segment | None:
+    def _find(starts: list[int], segs: list[Segment], addr: int, size: int,
+              key: str) -> Segment | None:
         i = bisect.bisect_right(starts, addr) - 1
         # Segments may overlap (the kernel image also lies inside a RAM
-        # range): look back a few entries for one that contains addr.
-        for j in range(i, max(i - 4, -1), -1):
+        # range; snapshots hold small ranges): look back for one that holds
+        # all of [addr, addr + size).
+        for j in range(i, max(i - 16, -1), -1):
             s = segs[j]
-            if getattr(s, key) <= addr < getattr(s, key) + s.memsz:
+            start = getattr(s, key)
+            if start <= addr and addr + size <= start + s.memsz:
                 return s
         return None
 
-    def segment_for_vaddr(self, addr: int) -> Segment | None:
-        return self._find(self._vstarts, self._by_vaddr, addr, "vaddr")
+    def segment_for_vaddr(self, addr: int, size: int = 1) -> Segment | None:
+        return self._find(self._vstarts, self._by_vaddr, addr, size, "vaddr")
 
-    def segment_for_paddr(self, paddr: int) -> Segment | None:
-        return self._find(self._pstarts, self._by_paddr, paddr, "paddr")
+    def segment_for_paddr(self, paddr: int, size: int = 1) -> Segment | None:
+        return self._find(self._pstarts, self._by_paddr, paddr, size, "paddr")
 
     def _read_in(self, seg: Segment, rel: int, size: int) -> bytes:
         if rel + size > seg.memsz:
@@ -217,7 +220,7 @@ class ElfCore:
 
     def read_vaddr(self, addr: int, size: int) -> bytes | None:
         """Bytes at a virtual address, or None when no segment covers them all."""
-        seg = self.segment_for_vaddr(addr)
+        seg = self.segment_for_vaddr(addr, size)
         if seg is None:
             return None
         data = self._read_in(seg, addr - seg.vaddr, size)
@@ -225,7 +228,7 @@ class ElfCore:
 
     def read_paddr(self, paddr: int, size: int) -> bytes | None:
         """Bytes at a physical address, or None when no segment covers them all."""
-        seg = self.segment_for_paddr(paddr)
+        seg = self.segment_for_paddr(paddr, size)
         if seg is None:
             return None
         data = self._read_in(seg, paddr - seg.paddr, size)

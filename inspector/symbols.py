@@ -42,14 +42,17 @@ class SymbolTable:
     types: dict[str, str] = field(default_factory=dict)
     banner: bytes | None = None     # linux_banner bytes, from a vmlinux
     shift: int = 0                  # KASLR shift applied (0 for live kallsyms)
+    used: set[str] = field(default_factory=set)     # names looked up (for snapshots)
 
     def __contains__(self, name: str) -> bool:
         return name in self.addresses
 
     def get(self, name: str) -> int | None:
+        self.used.add(name)
         return self.addresses.get(name)
 
     def __getitem__(self, name: str) -> int:
+        self.used.add(name)
         try:
             return self.addresses[name]
         except KeyError:
@@ -64,7 +67,7 @@ class SymbolTable:
         moved = {n: ((a + offset) & MASK64 if a >= START_KERNEL_MAP else a)
                  for n, a in self.addresses.items()}
         return SymbolTable(self.source, self.kind, moved, self.types, self.banner,
-                           (self.shift + offset) & MASK64)
+                           (self.shift + offset) & MASK64, self.used)
 
     def is_percpu_zero_based(self) -> bool:
         """True for the pre-6.15 convention: per-CPU symbols are small offsets."""

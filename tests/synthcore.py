@@ -62,6 +62,7 @@ class SynthSpec:
     cpu_node: dict[int, int] | None = None
     frames: dict[int, tuple[int, ...]] = field(default_factory=dict)
     vmcoreinfo: bool = True
+    layout_shift: int = 0                  # move the data symbols: "another build"
 
 
 class SynthKernel:
@@ -100,7 +101,7 @@ class SynthKernel:
         if s.percpu == "relative":
             size += self._unit()
         self.image = bytearray(size)
-        self._cursor = 0x200000
+        self._cursor = 0x200000 + s.layout_shift
         self.sym("_text", 0, "T")
         self.sym("_stext", 0x1000, "T")
         self.sym("init_espfix_ap", 0x41230, "T")

@@ -1,0 +1,239 @@
+"""espfix-inspect: inspect the x86-64 espfix64 ministacks of a kernel.
+
+The CLI only parses, calls and prints.  Exit codes: 0 all good, 1 findings,
+2 could not inspect (one line on stderr naming the cause and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from typing import Sequence
+
+from . import __version__
+from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
+from .model import (ESPFIX_MAX_CPUS, Randomness, cpu_layout, group_layouts, memory_cost,
+                    parse_cpu_list)
+from .target import KCORE_PATH
+
+PROG = "espfix-inspect"
+
+EXAMPLES = """examples:
+    espfix-inspect layout --cpus 8 --rand 0x5eed1234abcd   # expected layout, no kernel needed
+    espfix-inspect layout --cpus 131072 --summary           # cost at the maximum
+    espfix-inspect validate                 # live: /proc/kcore + /proc/kallsyms (root)
+    espfix-inspect validate --json          # machine-readable findings
+    espfix-inspect validate --core vmcore --symbols System.map-6.1.0-41-amd64
+    espfix-inspect validate --core samples/bookworm-6.1-l5.core   # a shipped snapshot
+    espfix-inspect stacks                   # each CPU's ministack and last IRET frame
+    espfix-inspect stacks --cpu 0-3 --json
+    espfix-inspect snapshot -o espfix.core  # save what validate reads, for offline use
+
+exit status: 0 all good, 1 findings (errors or warnings), 2 could not inspect
+"""
+
+
+def _cpu_list(text: str) -> list[int]:
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad CPU list {text!r} (use e.g. 0-3,8)") from None
+    if cpus and cpus[-1] >= ESPFIX_MAX_CPUS:
+        raise argparse.ArgumentTypeError(f"CPU {cpus[-1]} is beyond ESPFIX_MAX_CPUS "
+                                         f"({ESPFIX_MAX_CPUS})")
+    return cpus
+
+
+def _cpu_count(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cpus takes a number, got {text!r}") from None
+    if not 1 <= n <= ESPFIX_MAX_CPUS:
+        raise argparse.ArgumentTypeError(f"--cpus must be 1..{ESPFIX_MAX_CPUS}")
+    return n
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--core", default=KCORE_PATH, metavar="FILE",
+                   help="ELF core: /proc/kcore (default), a kdump vmcore or a snapshot")
+    p.add_argument("--symbols", metavar="FILE",
+                   help="kallsyms/System.map text or a vmlinux (default: /proc/kallsyms for "
+                        "/proc/kcore, the embedded symbols of a snapshot)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Inspect the Linux x86-64 espfix64 ministacks: expected layout, live "
+                    "state from /proc/kcore or a saved core, and the difference.",
+        epilog=EXAMPLES)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show a traceback for internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("layout", help="the expected layout from the kernel's formula",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n    espfix-inspect layout --cpus 4 --page-random 687 "
+                              "--slot-random 13\n    espfix-inspect layout --cpu-list 0-3,64 "
+                              "--levels 4 --json\n")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cpus", type=_cpu_count, metavar="N", help="CPUs 0..N-1 (default 4)")
+    g.add_argument("--cpu-list", type=_cpu_list, metavar="LIST", help="CPUs, e.g. 0-3,64")
+    p.add_argument("--page-random", type=_int, metavar="P", help="page_random (0..2047)")
+    p.add_argument("--slot-random", type=_int, metavar="S", help="slot_random (0..63)")
+    p.add_argument("--rand", type=_int, metavar="R",
+                   help="the boot-time random number init_espfix_random() drew")
+    p.add_argument("--levels", type=int, choices=(4, 5), default=5, help="paging levels")
+    p.add_argument("--summary", action="store_true", help="groups and cost only, no CPU rows")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("validate", help="check the live state against the kernel's rules",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n    espfix-inspect validate\n    espfix-inspect "
+                              "validate --core vmcore --symbols vmlinux --json\n")
+    _source_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="always print the CPU table")
+
+    p = sub.add_parser("stacks", help="each CPU's ministack and the IRET frame it holds",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n    espfix-inspect stacks\n    espfix-inspect stacks "
+                              "--cpu 1 --json\n")
+    _source_args(p)
+    p.add_argument("--cpu", type=_cpu_list, metavar="LIST", help="only these CPUs")
+
+    p = sub.add_parser("snapshot", help="save what the inspector reads as a small ELF core",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n    espfix-inspect snapshot -o espfix.core\n"
+                              "    espfix-inspect validate --core espfix.core\n")
+    _source_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot file")
+    return parser
+
+
+def _randomness(args: argparse.Namespace) -> Randomness:
+    if args.rand is not None:
+        if args.page_random is not None or args.slot_random is not None:
+            raise InspectError("--rand and --page-random/--slot-random exclude each other",
+                               "give one form")
+        return Randomness.from_rand(args.rand)
+    try:
+        return Randomness(args.page_random or 0, args.slot_random or 0)
+    except ValueError as e:
+        raise InspectError(str(e), "page_random is 0..2047, slot_random 0..63") from None
+
+
+def cmd_layout(args: argparse.Namespace) -> int:
+    from .report import dumps, layout_json, layout_text
+    cpus = args.cpu_list if args.cpu_list is not None else list(range(args.cpus or 4))
+    if not cpus:
+        raise InspectError("the CPU list is empty", "give --cpus N or a non-empty --cpu-list")
+    rnd = _randomness(args)
+    layouts = [cpu_layout(c, rnd, args.levels) for c in cpus]
+    groups = group_layouts(cpus, rnd)
+    cost = memory_cost(cpus)
+    if args.json:
+        print(dumps(layout_json(layouts, groups, cost, rnd, args.levels)))
+    else:
+        print(layout_text(layouts, groups, cost, rnd, args.levels, not args.summary))
+    return EXIT_OK
+
+
+def _open(args: argparse.Namespace):
+    from .state import load_state
+    from .target import open_target
+    target = open_target(args.core, args.symbols)
+    try:
+        return target, load_state(target)
+    except BaseException:
+        target.close()
+        raise
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .audit import audit
+    from .report import dumps, validate_json, validate_text
+    target, state = _open(args)
+    with target.core:
+        result = audit(state)
+        if args.json:
+            print(dumps(validate_json(state, result)))
+        else:
+            print(validate_text(state, result, args.verbose))
+    return EXIT_OK if result.ok else EXIT_FINDINGS
+
+
+def cmd_stacks(args: argparse.Namespace) -> int:
+    from .report import dumps, stacks_json, stacks_text
+    target, state = _open(args)
+    with target.core:
+        cpus = list(state.cpus) if args.cpu is None else args.cpu
+        missing = [c for c in cpus if c not in state.cpus]
+        if missing:
+            raise InspectError(f"CPU {missing[0]} is not possible on this kernel "
+                               f"(possible: {len(state.cpus)} CPUs)", "pick CPUs from --cpu 0-"
+                               f"{max(state.cpus)}")
+        print(dumps(stacks_json(state, cpus)) if args.json else stacks_text(state, cpus))
+    return EXIT_OK
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from .report import dumps
+    from .snapshot import take_snapshot
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise InspectError(f"directory {out_dir} does not exist", "create it or pick another -o")
+    summary = take_snapshot(args.core, args.symbols, args.output)
+    if args.json:
+        print(dumps(summary))
+    else:
+        print(f"wrote {summary['file']}: {summary['bytes']} bytes, {summary['segments']} "
+              f"segments, {summary['cpus']} CPUs of {summary['osrelease']}")
+    return EXIT_OK
+
+
+COMMANDS = {"layout": cmd_layout, "validate": cmd_validate, "stacks": cmd_stacks,
+            "snapshot": cmd_snapshot}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_CANNOT_INSPECT))
+    try:
+        return COMMANDS[args.command](args)
+    except InspectError as e:
+        print(f"{PROG}: {e.line()}", file=sys.stderr)
+        return EXIT_CANNOT_INSPECT
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_CANNOT_INSPECT
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
+    except Exception as e:  # a bug, or input no check anticipated
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: internal error: {type(e).__name__}: {e} (rerun with --debug and "
+              f"report it)", file=sys.stderr)
+        return EXIT_CANNOT_INSPECT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Rendering: readable tables (tabulate) and JSON documents.
+
+Addresses are hex strings in JSON (64-bit values do not survive JSON numbers
+in most consumers).  The JSON shapes are documented in README.md.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+from tabulate import tabulate
+
+from .audit import AuditResult, Finding
+from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
+                    Randomness, format_cpu_list, page_and_slot)
+from .state import EspfixState
+
+__all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
+           "stacks_text", "stacks_json", "dumps"]
+
+CPU_TABLE_LIMIT = 64
+
+
+def dumps(doc: dict) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False)
+
+
+def _h(v: int | None) -> str:
+    return "" if v is None else f"{v:#x}"
+
+
+# -- layout -----------------------------------------------------------------
+
+def layout_text(cpus: list[CpuLayout], groups: list[GroupLayout], cost: MemoryCost,
+                rnd: Randomness, levels: int, show_cpus: bool = True) -> str:
+    out = [f"espfix layout: {cost.cpus} CPU(s), page_random={rnd.page_random} "
+           f"slot_random={rnd.slot_random}, {levels}-level paging"]
+    if show_cpus:
+        idx_cols = ["pgd", "p4d", "pud", "pmd", "pte"] if levels == 5 else ["pgd", "pud", "pmd", "pte"]
+        rows = [[c.cpu, f"{c.espfix_stack:#018x}", c.page, c.slot,
+                 *[c.indices[k] for k in idx_cols]] for c in cpus]
+        out.append("")
+        out.append(tabulate(rows, headers=["CPU", "ESPFIX_STACK", "PAGE", "SLOT",
+                                           *[k.upper() for k in idx_cols]],
+                            tablefmt="simple", disable_numparse=True))
+    out.append("")
+    grows = []
+    for g in groups:
+        pages = ", ".join(f"{i}->{p}" for i, p in g.stack_pages[:4])
+        if len(g.stack_pages) > 4:
+            pages += f", ... ({len(g.stack_pages)})"
+        grows.append([g.group, format_cpu_list(g.cpus),
+                      f"{g.pud_slots.start}-{g.pud_slots.stop - 1}", pages])
+    out.append(tabulate(grows, headers=["GROUP", "CPUS", "PUD SLOTS", "STACK PAGES (n/64->page)"],
+                        tablefmt="simple", disable_numparse=True))
+    out.append("")
+    out.append(f"each group: 1 PMD page (512 clones) and 1 PTE page (32 clones per stack page "
+               f"at pte index page%16)")
+    out.append(f"memory: {cost.stack_pages} stack page(s) + {cost.pmd_pages} PMD + "
+               f"{cost.pte_pages} PTE + 1 PUD (static) = {cost.pages} pages, "
+               f"{cost.bytes} bytes ({cost.bytes / 1024:.0f} KiB)")
+    return "\n".join(out)
+
+
+def layout_json(cpus: list[CpuLayout], groups: list[GroupLayout], cost: MemoryCost,
+                rnd: Randomness, levels: int) -> dict:
+    return {"page_random": rnd.page_random, "slot_random": rnd.slot_random, "levels": levels,
+            "cpus": [c.as_dict() for c in cpus], "groups": [g.as_dict() for g in groups],
+            "memory": cost.as_dict()}
+
+
+# -- validate ---------------------------------------------------------------
+
+def _cpu_rows(state: EspfixState, result: AuditResult) -> list[dict]:
+    rows = []
+    host = state.host
+    for cpu, st in state.cpus.items():
+        row: dict = {"cpu": cpu, "online": st.online, "initialised": st.initialised,
+                     "espfix_stack": _h(st.espfix_stack) if st.initialised else None,
+                     "espfix_waddr": _h(st.espfix_waddr) if st.initialised else None,
+                     "phys": None, "node": host.cpu_node.get(cpu), "stack_node": None,
+                     "ok": cpu not in result.per_cpu_bad}
+        if st.initialised:
+            pa = state.direct_map_pa(st.espfix_waddr)
+            if pa is not None:
+                row["phys"] = _h(pa)
+                row["stack_node"] = host.node_of_phys(pa)
+        rows.append(row)
+    return rows
+
+
+def _summary(result: AuditResult) -> dict[str, int]:
+    counts = {"error": 0, "warning": 0, "info": 0}
+    for f in result.findings:
+        counts[f.severity] += 1
+    return counts
+
+
+def validate_json(state: EspfixState, result: AuditResult) -> dict:
+    kernel = state.info.as_dict()
+    kernel["randomness_source"] = result.rnd_source
+    if result.rnd is not None:
+        kernel["page_random_effective"] = result.rnd.page_random
+        kernel["slot_random_effective"] = result.rnd.slot_random
+    kernel["cpus_possible"] = format_cpu_list(state.possible)
+    kernel["cpus_online"] = format_cpu_list(state.online)
+    kernel["cpus_initialised"] = format_cpu_list(c for c, s in state.cpus.items() if s.initialised)
+    return {"ok": result.ok, "summary": _summary(result), "kernel": kernel,
+            "findings": [f.as_dict() for f in result.findings],
+            "cpus": _cpu_rows(state, result)}
+
+
+def _kernel_lines(state: EspfixState) -> list[str]:
+    i = state.info
+    return [f"kernel {i.osrelease}: {i.levels}-level paging, PTI {'on' if i.pti else 'off'}, "
+            f"KASLR offset {i.kaslr_offset:#x}, per-CPU {i.percpu}",
+            f"source: {i.core} with symbols from {i.symbols}"]
+
+
+def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False) -> str:
+    out = _kernel_lines(state)
+    if result.rnd is not None:
+        src = "the page_random/slot_random statics" if result.rnd_source == "statics" \
+            else "inferred from the CPUs' espfix_stack"
+        out.append(f"randomness: page_random={result.rnd.page_random} "
+                   f"slot_random={result.rnd.slot_random} ({src})")
+    init = [c for c, s in state.cpus.items() if s.initialised]
+    out.append(f"CPUs: {len(state.possible)} possible ({format_cpu_list(state.possible)}), "
+               f"{len(state.online)} online ({format_cpu_list(state.online)}), "
+               f"{len(init)} with a ministack")
+    rows = _cpu_rows(state, result)
+    if verbose or len(rows) <= CPU_TABLE_LIMIT:
+        table = [[r["cpu"], ("online" if r["online"] else "offline") +
+                  ("" if r["initialised"] else ", no espfix"),
+                  r["espfix_stack"] or "-", r["phys"] or "-",
+                  "-" if r["node"] is None else r["node"],
+                  "-" if r["stack_node"] is None else r["stack_node"],
+                  "ok" if r["ok"] else "BAD"] for r in rows]
+        out.append("")
+        out.append(tabulate(table, headers=["CPU", "STATE", "ESPFIX_STACK", "STACK PHYS",
+                                            "NODE", "PG NODE", "VERDICT"],
+                            tablefmt="simple", disable_numparse=True))
+    else:
+        out.append(f"(per-CPU table of {len(rows)} CPUs omitted: use -v or --json)")
+    out.append("")
+    if result.findings:
+        frows = [[f.severity, f.check, "" if f.cpu is None else f.cpu, f.message]
+                 for f in _ordered(result.findings)]
+        out.append(tabulate(frows, headers=["SEVERITY", "CHECK", "CPU", "MESSAGE"],
+                            tablefmt="simple", disable_numparse=True))
+        out.append("")
+    c = _summary(result)
+    verdict = "OK" if result.ok else "FINDINGS"
+    out.append(f"result: {verdict} ({c['error']} error(s), {c['warning']} warning(s), "
+               f"{c['info']} info)")
+    return "\n".join(out)
+
+
+def _ordered(findings: Iterable[Finding]) -> list[Finding]:
+    rank = {"error": 0, "warning": 1, "info": 2}
+    return sorted(findings, key=lambda f: (rank[f.severity], f.check,
+                                           -1 if f.cpu is None else f.cpu))
+
+
+# -- stacks -----------------------------------------------------------------
+
+def _stack_rows(state: EspfixState, cpus: Iterable[int]) -> list[dict]:
+    rows = []
+    for cpu in cpus:
+        st = state.cpus[cpu]
+        row: dict = {"cpu": cpu, "online": st.online, "espfix_stack": None,
+                     "espfix_waddr": None, "phys": None, "page": None, "slot": None,
+                     "frame": None}
+        if st.initialised:
+            page, slot = page_and_slot(st.espfix_stack)
+            w = state.walk(st.espfix_stack)
+            row.update(espfix_stack=_h(st.espfix_stack), espfix_waddr=_h(st.espfix_waddr),
+                       phys=_h(None if w.phys is None else w.phys | (st.espfix_stack & 0xFFF)),
+                       page=page, slot=slot)
+            frame = state.frame(cpu)
+            if frame is not None:
+                row["frame"] = {k: _h(v) for k, v in frame.items()}
+        rows.append(row)
+    return rows
+
+
+def stacks_json(state: EspfixState, cpus: Iterable[int]) -> dict:
+    return {"kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
+                       "pti": state.info.pti},
+            "cpus": _stack_rows(state, cpus)}
+
+
+def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
+    rows = _stack_rows(state, cpus)
+    table = []
+    for r in rows:
+        f = r["frame"] or {}
+        table.append([r["cpu"], r["espfix_stack"] or "(none)", r["espfix_waddr"] or "",
+                      r["phys"] or "",
+                      "" if r["page"] is None else f"{r['page']}/{r['slot']}",
+                      *[f.get(k, "") for k in FRAME_WORDS]])
+    head = _kernel_lines(state)
+    head.append(f"ministacks: {sum(1 for r in rows if r['espfix_stack'])} of {len(rows)} "
+                f"CPU(s) set up, {sum(1 for r in rows if r['frame'])} hold an IRET frame "
+                f"(slot = last espfix return on that CPU; {ESPFIX_STACKS_PER_PAGE} slots/page)")
+    return "\n".join(head) + "\n\n" + tabulate(
+        table, headers=["CPU", "ESPFIX_STACK", "ESPFIX_WADDR", "PHYS", "PG/SLOT",
+                        *[k.upper() for k in FRAME_WORDS]],
+        tablefmt="simple", disable_numparse=True)

@@ -1,0 +1,236 @@
+"""validate on synthetic kernels: clean images pass in every mode, and each
+corruption is caught by its own named check."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import kernel
+from tests.synthcore import NX, RW, USER
+
+MODES = [
+    dict(levels=5), dict(levels=4), dict(levels=5, pti=True), dict(levels=4, pti=True),
+    dict(levels=5, percpu="relative", pte_dirty=False, osrelease="7.2.13+deb14-amd64"),
+    dict(levels=4, pti=True, percpu="relative", pte_dirty=False),
+    dict(levels=5, sme_mask=1 << 51), dict(levels=4, sme_mask=1 << 47, pti=True),
+    dict(nr_cpus=8, online=[0, 1]), dict(nr_cpus=3000), dict(statics=False),
+    dict(phys_base=0x3000000, kaslr_offset=0), dict(nx=False),
+]
+
+
+def errors(result):
+    return [(f.check, f.severity, f.cpu) for f in result.findings if f.severity != "info"]
+
+
+@pytest.mark.parametrize("spec", MODES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_clean_kernel_passes(inspect, spec):
+    k = kernel(**spec)
+    state, result = inspect(k)
+    assert errors(result) == []
+    assert result.ok
+    assert result.rnd == k.rnd
+    assert result.rnd_source == ("statics" if spec.get("statics", True) else "inferred")
+    assert state.info.levels == spec.get("levels", 5)
+    assert state.info.pti == spec.get("pti", False)
+    assert state.info.percpu == spec.get("percpu", "zero-based")
+    for cpu in k.online:
+        assert state.cpus[cpu].espfix_stack == k.get_percpu(cpu, "espfix_stack")
+        # the walk ends on the page the builder allocated, found independently
+        assert state.walk(state.cpus[cpu].espfix_stack).phys == k.stack_pa[cpu // 64]
+
+
+def test_possible_never_online_and_offline_initialised(inspect):
+    k = kernel(nr_cpus=8, online=[0, 1, 3], brought_up=[0, 1, 2, 3])
+    _, result = inspect(k)
+    assert result.ok
+    info = {(f.check, f.cpu): f.message for f in result.findings if f.severity == "info"}
+    assert "offline, initialised" in info[("cpu_init", 2)]
+    assert "4-7" in info[("cpu_init", None)]
+
+
+def find(result, check, cpu="any", severity="error"):
+    return [f for f in result.findings if f.check == check and f.severity == severity
+            and (cpu == "any" or f.cpu == cpu)]
+
+
+def pte_entry_pa(k, cpu, clone=0):
+    lay_page = (k.get_percpu(cpu, "espfix_stack") >> 12) & 511
+    pte_page = k.pte_pa[k.group_pud_index(cpu) & ~3]
+    return pte_page + 8 * ((lay_page % 16) + 16 * clone)
+
+
+# Each fault: (name, spec, mutate(k), expected check, expected cpu or "any")
+def f_writable_pte(k):
+    pa = pte_entry_pa(k, 0, 5)
+    k.write_u64(pa, k.read_u64(pa) | RW)
+
+
+def f_user_pte(k):
+    for clone in range(32):
+        pa = pte_entry_pa(k, 0, clone)
+        k.write_u64(pa, k.read_u64(pa) | USER)
+
+
+def f_missing_pte(k):
+    k.write_u64(pte_entry_pa(k, 0, 31), 0)
+
+
+def f_wrong_pte(k):
+    pa = pte_entry_pa(k, 0, 7)
+    k.write_u64(pa, (k.read_u64(pa) & ~0xFFFFFFFFFF000) | 0x7770000)
+
+
+def f_nx_pte(k):
+    for clone in range(32):
+        pa = pte_entry_pa(k, 0, clone)
+        k.write_u64(pa, k.read_u64(pa) & ~NX)
+
+
+def f_missing_pmd(k):
+    k.write_u64(k.pmd_pa[k.group_pud_index(0)] + 8 * 300, 0)
+
+
+def f_wrong_pmd(k):
+    pa = k.pmd_pa[k.group_pud_index(0)] + 8 * 17
+    k.write_u64(pa, k.read_u64(pa) + 0x1000)
+
+
+def f_writable_pmd(k):
+    base = k.pmd_pa[k.group_pud_index(0)]
+    for i in range(512):
+        k.write_u64(base + 8 * i, k.read_u64(base + 8 * i) | RW)
+
+
+def f_missing_pud(k):
+    k.write_u64(k.pud_pa + 8 * (k.group_pud_index(0) + 2), 0)
+
+
+def f_nx_pud(k):
+    for i in range(4):
+        pa = k.pud_pa + 8 * (k.group_pud_index(0) + i)
+        k.write_u64(pa, k.read_u64(pa) & ~NX)
+
+
+def f_stray_pud(k):
+    k.write_u64(k.pud_pa + 8 * ((k.group_pud_index(0) + 8) % 512), k.pmd_pa[k.group_pud_index(0)] | 0x61)
+
+
+def f_stray_pte(k):
+    page = (k.get_percpu(0, "espfix_stack") >> 12) & 511
+    free = (page + 1) % 16
+    pte_page = k.pte_pa[k.group_pud_index(0) & ~3]
+    k.write_u64(pte_page + 8 * free, k.read_u64(pte_entry_pa(k, 0)))
+
+
+def f_bad_stack(k):
+    k.set_percpu(1, "espfix_stack", k.get_percpu(1, "espfix_stack") + 64)
+
+
+def f_bad_waddr(k):
+    k.set_percpu(2, "espfix_waddr", k.get_percpu(2, "espfix_waddr") + 0x1000)
+
+
+def f_null_pages(k):
+    k.put_u64(k.syms["espfix_pages"], 0)
+
+
+def f_bad_pages(k):
+    k.put_u64(k.syms["espfix_pages"], k.get_u64(k.syms["espfix_pages"]) + 0x2000)
+
+
+def f_not_initialised(k):
+    k.set_percpu(3, "espfix_stack", 0)
+    k.set_percpu(3, "espfix_waddr", 0)
+
+
+def f_missing_pti(k):
+    k.write_u64(k.espfix_top_entry_pa(user=True), 0)
+
+
+def f_top_entry(k):
+    pa = k.espfix_top_entry_pa()
+    k.write_u64(pa, k.read_u64(pa) + 0x1000)
+
+
+def f_statics(k):
+    k.put_u32(k.syms["page_random"], (k.rnd.page_random + 1) % 2048)
+
+
+def f_walk(k):
+    # all 32 clones agree but point at a page that is not espfix_pages[0]
+    for clone in range(32):
+        pa = pte_entry_pa(k, 0, clone)
+        k.write_u64(pa, (k.read_u64(pa) & ~0xFFFFFFFFFF000) | 0x7770000)
+
+
+FAULTS = [
+    ("writable PTE clone", {}, f_writable_pte, "pte_prot", 0),
+    ("writable PTE clone differs", {}, f_writable_pte, "pte_clones", 0),
+    ("user-accessible PTE", {}, f_user_pte, "pte_prot", 0),
+    ("missing PTE clone", {}, f_missing_pte, "pte_clones", 0),
+    ("wrong PTE clone", {}, f_wrong_pte, "pte_clones", 0),
+    ("PTE without NX", {}, f_nx_pte, "pte_prot", 0),
+    ("missing PMD clone", {}, f_missing_pmd, "pmd_clones", 0),
+    ("wrong PMD clone", {}, f_wrong_pmd, "pmd_clones", 0),
+    ("writable PMD", {}, f_writable_pmd, "pmd_prot", 0),
+    ("missing PUD clone", {}, f_missing_pud, "pud_clones", 0),
+    ("PUD without NX", {}, f_nx_pud, "pud_prot", 0),
+    ("stray PUD entry", {}, f_stray_pud, "stray_pud", "any"),
+    ("stray PTE entry", {}, f_stray_pte, "stray_pte", 0),
+    ("wrong espfix_stack", {}, f_bad_stack, "espfix_stack", 1),
+    ("wrong espfix_waddr", {}, f_bad_waddr, "espfix_waddr", 2),
+    ("NULL espfix_pages", {}, f_null_pages, "espfix_pages", 0),
+    ("wrong espfix_pages", {}, f_bad_pages, "espfix_waddr", 0),
+    ("online CPU not initialised", {}, f_not_initialised, "cpu_init", 3),
+    ("missing PTI clone 5-level", dict(pti=True), f_missing_pti, "pti", "any"),
+    ("missing PTI clone 4-level", dict(pti=True, levels=4), f_missing_pti, "pti_walk", 0),
+    ("top entry elsewhere", {}, f_top_entry, "top_entry", "any"),
+    ("statics disagree", {}, f_statics, "randomness", "any"),
+    ("walk to a foreign page", {}, f_walk, "walk", 0),
+]
+
+
+@pytest.mark.parametrize("name,spec,mutate,check,cpu", FAULTS, ids=[f[0] for f in FAULTS])
+def test_fault_is_caught(inspect, name, spec, mutate, check, cpu):
+    k = kernel(**spec)
+    _, clean = inspect(k)
+    assert clean.ok, "the image must be clean before the fault"
+    mutate(k)
+    _, result = inspect(k)
+    assert not result.ok
+    assert find(result, check, cpu), f"{check} did not fire: {errors(result)}"
+
+
+def test_fault_in_second_group_names_that_group(inspect):
+    k = kernel(nr_cpus=2048)
+    cpu = 1500
+    pa = k.pud_pa + 8 * k.group_pud_index(cpu)
+    k.write_u64(pa, k.read_u64(pa) | RW)
+    _, result = inspect(k)
+    hits = find(result, "pud_prot", 1024)
+    assert hits and "group 1" in hits[0].message
+    assert not find(result, "pud_prot", 0)
+
+
+def test_numa_remote_ministack(inspect):
+    # CPU 0 (node 0) allocates the page CPU 1 (node 1) also uses
+    k = kernel(nodes=2)
+    state, result = inspect(k, host=k.host_facts())
+    remote = [f for f in result.findings if f.check == "numa" and f.cpu is not None]
+    assert {f.cpu for f in remote} == {1, 3}
+    assert all(f.details["stack_node"] == 0 for f in remote)
+    summary = [f for f in result.findings if f.check == "numa" and f.cpu is None]
+    assert summary[0].details == {"node": 1, "remote_cpus": 2}
+    assert result.ok
+
+
+def test_pages_read_at_most_once(inspect):
+    k = kernel(nr_cpus=4096, pti=True)
+    state, result = inspect(k)
+    for cpu in state.cpus:
+        state.frame(cpu)
+    stats = state.reader.mem.stats
+    assert result.ok
+    assert stats.max_fetches_per_page() == 1
+    # 4 groups: 4 PMD + 4 PTE + 64 stack pages + PUD + the PGD/P4D tables
+    assert stats.pages_read <= 4 + 4 + 64 + 1 + 6
