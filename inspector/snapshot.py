@@ -20,6 +20,7 @@ from . import __version__
 from .audit import audit
 from .elfcore import NO_PADDR
 from .elfwrite import LoadSegment, NoteEntry, write_core
+from .errors import InspectError
 from .memory import RecordingMemory
 from .state import DIRECT_MAP_SIZE, EspfixState, load_state
 from .symbols import START_KERNEL_MAP
@@ -100,7 +101,11 @@ def take_snapshot(core: str, symbols: str | None, out: str) -> dict:
         notes = [NoteEntry("VMCOREINFO", 0, vmcoreinfo.desc),
                  NoteEntry(SNAPSHOT_NOTE, NT_SYMBOLS, _symbol_text(target).encode()),
                  NoteEntry(SNAPSHOT_NOTE, NT_META, json.dumps(meta, sort_keys=True).encode())]
-        size = write_core(out, segments, notes)
+        try:
+            size = write_core(out, segments, notes)
+        except OSError as e:
+            raise InspectError(f"cannot write snapshot {out}: {e.strerror or e}",
+                               "pick a writable -o path with free space") from None
         return {"file": out, "bytes": size, "segments": len(segments),
                 "osrelease": target.osrelease, "cpus": len(state.cpus)}
     finally:

@@ -103,14 +103,24 @@ def _meta(core: ElfCore) -> dict:
     return {}
 
 
+#: VMCOREINFO ``SYMBOL()`` keys that carry a pointer's value, not the
+#: symbol's address (``VMCOREINFO_SYMBOL_ARRAY(mem_section)`` with
+#: SPARSEMEM_EXTREME: seen as 0xff16e4633f81f000 on Debian 6.1).
+POINTER_VALUED = frozenset({"mem_section", "vmemmap", "mem_map"})
+
+
 def _vmcoreinfo_symbols(info: dict[str, str]) -> dict[str, int]:
+    """The image addresses VMCOREINFO exports, for matching a symbol file."""
     out = {}
     for key, value in info.items():
         if key.startswith("SYMBOL(") and key.endswith(")"):
+            name = key[7:-1]
             try:
-                out[key[7:-1]] = int(value, 16)
+                addr = int(value, 16)
             except ValueError:
                 continue
+            if name not in POINTER_VALUED and addr >= START_KERNEL_MAP:
+                out[name] = addr
     return out
 
 

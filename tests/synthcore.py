@@ -127,6 +127,7 @@ class SynthKernel:
         self.sym("__pgtable_l5_enabled", self._alloc(4, 4), "D")
         self.sym("__supported_pte_mask", self._alloc(8, 8), "D")
         self.sym("init_uts_ns", self._alloc(64, 64), "D")
+        self.sym("mem_section", self._alloc(8, 8), "D")   # a pointer, see vmcoreinfo_text
         self.put_u32(self.syms["page_random"], self.rnd.page_random)
         self.put_u32(self.syms["slot_random"], self.rnd.slot_random)
         self.put_u32(self.syms["nr_cpu_ids"], s.nr_cpus)
@@ -373,6 +374,8 @@ class SynthKernel:
         lines = [f"OSRELEASE={s.osrelease}", "BUILD-ID=0123456789abcdef", "PAGESIZE=4096",
                  f"SYMBOL(init_uts_ns)={self.syms['init_uts_ns']:x}",
                  f"SYMBOL(_stext)={self.syms['_stext']:x}",
+                 # VMCOREINFO_SYMBOL_ARRAY: the pointer's value, not &mem_section
+                 f"SYMBOL(mem_section)={self.pob + 0x7FF1F000:x}",
                  f"SYMBOL(init_top_pgt)={self.syms['init_top_pgt']:x}",
                  f"NUMBER(phys_base)={s.phys_base}",
                  f"NUMBER(pgtable_l5_enabled)={int(s.levels == 5)}",

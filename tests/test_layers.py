@@ -1,0 +1,45 @@
+"""The layers stay visible: nothing imports a module above it.
+
+model -> memory sources -> walker -> state -> audit/snapshot -> report -> cli
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+PKG = pathlib.Path(__file__).resolve().parent.parent / "inspector"
+
+LEVEL = {
+    "errors": 0, "model": 0,
+    "elfcore": 1, "symbols": 1, "memory": 1, "target": 1, "hostfacts": 1, "elfwrite": 1,
+    "pagetable": 2,
+    "state": 3,
+    "audit": 4, "snapshot": 5,
+    "report": 6,
+    "cli": 7, "__main__": 8, "__init__": 0,
+}
+
+
+def imports(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            yield node.module or "__init__"
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("inspector."):
+            yield node.module.split(".", 1)[1]
+
+
+@pytest.mark.parametrize("path", sorted(PKG.glob("*.py")), ids=lambda p: p.stem)
+def test_no_upward_imports(path):
+    me = path.stem
+    assert me in LEVEL, f"new module {me}: give it a layer in tests/test_layers.py"
+    for mod in imports(path):
+        mod = mod.split(".")[0]
+        assert LEVEL[mod] <= LEVEL[me], f"{me} (layer {LEVEL[me]}) imports {mod} ({LEVEL[mod]})"
+
+
+def test_model_does_no_io():
+    src = (PKG / "model.py").read_text()
+    for word in ("open(", "import os", "import sys", "pread"):
+        assert word not in src
