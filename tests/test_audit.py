@@ -234,3 +234,16 @@ def test_pages_read_at_most_once(inspect):
     assert stats.max_fetches_per_page() == 1
     # 4 groups: 4 PMD + 4 PTE + 64 stack pages + PUD + the PGD/P4D tables
     assert stats.pages_read <= 4 + 4 + 64 + 1 + 6
+
+
+@pytest.mark.parametrize("meltdown,pti,warns", [
+    ("Not affected", True, False),           # pti=on on an unaffected CPU (seen on 6.1)
+    ("Not affected", False, False),
+    ("Mitigation: PTI", True, False),
+    ("Mitigation: PTI", False, True),
+    ("Vulnerable", True, True),
+    ("Vulnerable", False, False),
+])
+def test_pti_sysfs_consistency(inspect, meltdown, pti, warns):
+    _, result = inspect(kernel(pti=pti), host={"meltdown": meltdown})
+    assert bool(find(result, "pti", severity="warning")) == warns
