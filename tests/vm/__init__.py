@@ -1,0 +1,1 @@
+"""QEMU/TCG test-VM harness for espfix-inspect (see tests/vm/README.md)."""

@@ -1,0 +1,142 @@
+"""The pinned kernel matrix: which Debian kernel each suite boots, and the QEMU variants.
+
+To move a pin: `python3 -m tests.vm pins` prints the current ABI, version and pool path
+of each suite's linux-image package; copy them into KERNELS below.  Changing a pin
+changes the image cache key, so the next run builds a fresh image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Kernel:
+    suite: str                 # Debian suite debootstrap installs
+    kver: str                  # kernel ABI: linux-image-KVER / linux-headers-KVER
+    version: str               # exact Debian package version of both packages
+    archive: str               # "debian" or "debian-security": where the pool files live
+    image_pool: str            # pool path of the linux-image .deb (checked before a build)
+    extra_suites: tuple[str, ...] = ()   # extra apt suites in the image's sources.list
+    apt_options: tuple[str, ...] = ()    # lines for the image's apt.conf.d
+
+    @property
+    def packages(self) -> tuple[str, str]:
+        return (f"linux-image-{self.kver}={self.version}",
+                f"linux-headers-{self.kver}={self.version}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    qemu_args: tuple[str, ...]          # -cpu / -smp / -numa / -object arguments
+    cmdline: tuple[str, ...] = ()       # extra kernel command-line words
+    mem_mb: int = 2048
+    expect_possible: str = "0-3"        # /sys/devices/system/cpu/possible
+    expect_present: str = "0-3"         # /sys/devices/system/cpu/present
+    expect_online: str = "0-3"          # /sys/devices/system/cpu/online
+    expect_nodes: str = "0"             # /sys/devices/system/node/online
+    description: str = ""
+
+
+KERNELS: dict[str, Kernel] = {
+    # Current bookworm ABI lives in bookworm-security (bookworm main had 6.1.0-50).
+    "bookworm": Kernel(
+        suite="bookworm", kver="6.1.0-56-amd64", version="6.1.192-2",
+        archive="debian-security",
+        image_pool="pool/updates/main/l/linux-signed-amd64/"
+                   "linux-image-6.1.0-56-amd64_6.1.192-2_amd64.deb",
+        extra_suites=("bookworm-updates", "bookworm-security"),
+    ),
+    # trixie main; trixie-security already carried 6.12.118-1 when this was pinned.
+    "trixie": Kernel(
+        suite="trixie", kver="6.12.117+deb13-amd64", version="6.12.117-1",
+        archive="debian",
+        image_pool="pool/main/l/linux-signed-amd64/"
+                   "linux-image-6.12.117+deb13-amd64_6.12.117-1_amd64.deb",
+    ),
+    # sid's Release file may be past Valid-Until: apt needs Check-Valid-Until=false.
+    "sid": Kernel(
+        suite="sid", kver="7.2.13+deb14-amd64", version="7.2.13-1",
+        archive="debian",
+        image_pool="pool/main/l/linux-signed-amd64/"
+                   "linux-image-7.2.13+deb14-amd64_7.2.13-1_amd64.deb",
+        apt_options=('Acquire::Check-Valid-Until "false";',),
+    ),
+}
+
+_CPU_L5 = ("-cpu", "max")                 # QEMU max: AMD-like, LA57 -> 5-level, PTI off
+_CPU_L4 = ("-cpu", "max,-la57")           # 4-level paging
+_SMP4 = ("-smp", "4")
+
+_NUMA2 = (
+    "-object", "memory-backend-ram,id=mem0,size=1024M",
+    "-object", "memory-backend-ram,id=mem1,size=1024M",
+    "-numa", "node,nodeid=0,cpus=0-1,memdev=mem0",
+    "-numa", "node,nodeid=1,cpus=2-3,memdev=mem1",
+)
+
+VARIANTS: dict[str, dict[str, Variant]] = {
+    "bookworm": {
+        "l5": Variant("l5", _CPU_L5 + _SMP4, description="5-level paging, PTI off"),
+        "l4": Variant("l4", _CPU_L4 + _SMP4, description="4-level paging, PTI off"),
+        "pti": Variant("pti", _CPU_L4 + _SMP4, ("pti=on",), description="4-level, PTI on"),
+        "maxcpus8": Variant("maxcpus8", _CPU_L5 + ("-smp", "2,maxcpus=8"),
+                            expect_possible="0-7", expect_present="0-1",
+                            expect_online="0-1",
+                            description="CPUs 2-7 possible, never online"),
+        "numa2": Variant("numa2", _CPU_L5 + _SMP4 + _NUMA2, expect_nodes="0-1",
+                         description="two NUMA nodes, 2 CPUs + 1 GiB each"),
+        "maxcpus2": Variant("maxcpus2", _CPU_L5 + _SMP4, ("maxcpus=2",),
+                            expect_possible="0-3", expect_online="0-1",
+                            description="4 CPUs present, kernel brings up 2"),
+    },
+    "trixie": {
+        "l5pti": Variant("l5pti", _CPU_L5 + _SMP4, ("pti=on",),
+                         description="5-level paging, PTI on"),
+        "l4": Variant("l4", _CPU_L4 + _SMP4, ("pti=off",), description="4-level, PTI off"),
+    },
+    "sid": {
+        "l5": Variant("l5", _CPU_L5 + _SMP4, description="5-level paging, PTI off"),
+        "l4pti": Variant("l4pti", _CPU_L4 + _SMP4, ("pti=on",),
+                         description="4-level paging, PTI on"),
+    },
+}
+
+
+class MatrixError(ValueError):
+    pass
+
+
+def get_kernel(name: str) -> Kernel:
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise MatrixError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}") from None
+
+
+def get_variant(kernel: str, variant: str) -> Variant:
+    get_kernel(kernel)
+    try:
+        return VARIANTS[kernel][variant]
+    except KeyError:
+        known = ", ".join(VARIANTS.get(kernel, {}))
+        raise MatrixError(f"unknown variant {variant!r} for {kernel}; known: {known}") from None
+
+
+def matrix() -> list[tuple[str, str]]:
+    """All (kernel, variant) rows, in a stable order."""
+    return [(k, v) for k in KERNELS for v in VARIANTS[k]]
+
+
+def parse_rows(spec: str) -> list[tuple[str, str]]:
+    """Parse 'bookworm:l5,sid:l5' (or 'sid' for all sid variants) into matrix rows."""
+    rows: list[tuple[str, str]] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kernel, _, variant = item.partition(":")
+        if variant:
+            get_variant(kernel, variant)
+            rows.append((kernel, variant))
+        else:
+            get_kernel(kernel)
+            rows.extend((kernel, v) for v in VARIANTS[kernel])
+    return rows

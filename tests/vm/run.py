@@ -1,0 +1,160 @@
+"""Boot one matrix row under QEMU/TCG and run a shell command in the guest as root.
+
+API:  run_in_vm(kernel, variant, command, timeout) -> VMResult
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .hostenv import HostError, require_tools
+from .image import STUB_PATH, Image, build
+from .kernels import Variant, get_kernel, get_variant
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+GUEST_INIT = Path(__file__).resolve().with_name("guest-init.sh")
+TREE_IGNORE = shutil.ignore_patterns(
+    ".git", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache",
+    ".venv", "venv", ".tox", "build", "dist", "*.egg-info",
+)
+BASE_CMDLINE = ("root=/dev/vda", "rw", "console=ttyS0", "panic=-1", f"init={STUB_PATH}")
+
+
+class VMError(RuntimeError):
+    """The VM did not produce a result (boot failure, crash, timeout)."""
+
+    def __init__(self, message: str, serial_log: str = "") -> None:
+        super().__init__(message)
+        self.serial_log = serial_log
+
+
+class VMTimeout(VMError):
+    pass
+
+
+@dataclasses.dataclass
+class VMResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    serial_log: str
+    boot_seconds: float | None = None     # guest uptime when the command started
+    command_seconds: float | None = None  # guest time the command ran
+    total_seconds: float = 0.0            # host wall time, qemu start to exit
+
+    def describe(self) -> str:
+        boot = f"{self.boot_seconds:.1f}" if self.boot_seconds is not None else "?"
+        cmd = f"{self.command_seconds:.1f}" if self.command_seconds is not None else "?"
+        return (f"exit status {self.returncode}; boot-to-command {boot} s, "
+                f"command {cmd} s, total {self.total_seconds:.1f} s")
+
+
+def qemu_argv(img: Image, variant: Variant, share: Path, serial: Path) -> list[str]:
+    cmdline = " ".join((*BASE_CMDLINE, *variant.cmdline))
+    return [
+        "qemu-system-x86_64", "-accel", "tcg,thread=multi",
+        *variant.qemu_args, "-m", str(variant.mem_mb),
+        "-display", "none", "-monitor", "none", "-serial", f"file:{serial}",
+        "-no-reboot", "-snapshot",
+        "-kernel", str(img.vmlinuz), "-initrd", str(img.initrd), "-append", cmdline,
+        "-drive", f"file={img.root_img},format=raw,if=virtio,cache=unsafe",
+        "-virtfs", f"local,path={share},mount_tag=share,security_model=none,id=share",
+        "-nic", "none",
+    ]
+
+
+def _prepare_share(share: Path, kernel: str, variant: Variant, command: str) -> None:
+    shutil.copytree(PROJECT_ROOT, share / "tree", ignore=TREE_IGNORE, symlinks=True)
+    shutil.copyfile(GUEST_INIT, share / "guest-init.sh")
+    (share / "cmd.sh").write_text(command + "\n")
+    env = {
+        "ESPFIX_VM": "guest",
+        "ESPFIX_VM_KERNEL": kernel,
+        "ESPFIX_VM_KVER": get_kernel(kernel).kver,
+        "ESPFIX_VM_VARIANT": variant.name,
+        "ESPFIX_VM_EXPECT_POSSIBLE": variant.expect_possible,
+        "ESPFIX_VM_EXPECT_PRESENT": variant.expect_present,
+        "ESPFIX_VM_EXPECT_ONLINE": variant.expect_online,
+        "ESPFIX_VM_EXPECT_NODES": variant.expect_nodes,
+        "ESPFIX_VM_CMDLINE_EXTRA": " ".join(variant.cmdline),
+    }
+    (share / "env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+    (share / "out").mkdir()
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _tail(text: str, n: int = 40) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def run_in_vm(kernel: str, variant: str, command: str, timeout: float = 600.0, *,
+              keep_share: bool | None = None) -> VMResult:
+    """Boot `kernel`/`variant` (building the image if needed) and run `command`
+    (a /bin/sh script) as root in the guest, cwd = a copy of the project tree.
+
+    Returns the command's status and output; raises VMTimeout if qemu outlives
+    `timeout` seconds (image build time not included) and VMError if the guest never
+    reported a status.  qemu is killed and reaped on every path, Ctrl-C included.
+    """
+    v = get_variant(kernel, variant)
+    require_tools("qemu-system-x86_64")
+    img = build(kernel)
+    if keep_share is None:
+        keep_share = os.environ.get("ESPFIX_VM_KEEP") == "1"
+    share = Path(tempfile.mkdtemp(prefix=f"espfix-vm-{kernel}-{variant}-"))
+    serial = share / "serial.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        _prepare_share(share, kernel, v, command)
+        argv = qemu_argv(img, v, share, serial)
+        (share / "qemu-argv").write_text(shlex.join(argv) + "\n")
+        t0 = time.monotonic()
+        with open(share / "qemu.log", "wb") as qlog:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                qemu_rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                log = _read(serial)
+                raise VMTimeout(f"{kernel}:{variant}: VM timed out after {timeout:.0f} s "
+                                f"(qemu killed); serial log tail:\n{_tail(log)}", log) from None
+        total = time.monotonic() - t0
+        out = share / "out"
+        log = _read(serial)
+        rc_text = _read(out / "rc").strip()
+        if not rc_text:
+            raise VMError(f"{kernel}:{variant}: guest reported no exit status (qemu exit "
+                          f"{qemu_rc}: {_tail(_read(share / 'qemu.log'), 5)!s}); "
+                          f"serial log tail:\n{_tail(log)}", log)
+        times = dict(kv.split("=", 1) for kv in _read(out / "times").split())
+        boot = float(times["command"]) if "command" in times else None
+        ran = (float(times["end"]) - float(times["command"])
+               if {"end", "command"} <= times.keys() else None)
+        return VMResult(int(rc_text), _read(out / "stdout"), _read(out / "stderr"), log,
+                        boot, ran, total)
+    finally:
+        if proc is not None and proc.poll() is None:   # Ctrl-C, SystemExit, anything
+            proc.kill()
+            proc.wait()
+        if keep_share:
+            import sys
+            print(f"[vm] share kept: {share}", file=sys.stderr)
+        else:
+            shutil.rmtree(share, ignore_errors=True)
+
+
+__all__ = ["VMResult", "VMError", "VMTimeout", "HostError", "run_in_vm", "qemu_argv"]
