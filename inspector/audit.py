@@ -38,10 +38,23 @@ class Finding:
     message: str
     cpu: int | None = None
     details: dict = field(default_factory=dict)
+    # the CPUs whose ministack the finding concerns, when more than `cpu` (a stack page
+    # serves 64 CPUs, a group's PUD/PMD/PTE pages 1024)
+    affects: range | None = None
 
     def as_dict(self) -> dict:
+        extra = {"affects": f"{self.affects.start}-{self.affects.stop - 1}"} \
+            if self.affects is not None else {}
         return {"check": self.check, "severity": self.severity, "cpu": self.cpu,
-                "message": self.message, **self.details}
+                "message": self.message, **extra, **self.details}
+
+
+def _group_cpus(g: int) -> range:
+    return range(g * CPUS_PER_GROUP, (g + 1) * CPUS_PER_GROUP)
+
+
+def _page_cpus(idx: int) -> range:
+    return range(idx * ESPFIX_STACKS_PER_PAGE, (idx + 1) * ESPFIX_STACKS_PER_PAGE)
 
 
 def expected_table_flags(ptemask: int) -> int:
@@ -252,15 +265,16 @@ def check_pud_clones(ctx: Context) -> Iterable[Finding]:
         if not all(e & PAGE_PRESENT for e in entries):
             missing = [i for i in slots if not pud[i] & PAGE_PRESENT]
             yield Finding("pud_clones", "error", f"group {g}: PUD clone(s) {missing} not "
-                          f"present (of {list(slots)})", cpu)
+                          f"present (of {list(slots)})", cpu, affects=_group_cpus(g))
         elif len(set(entries)) != 1:
             yield Finding("pud_clones", "error", f"group {g}: the {ESPFIX_PUD_CLONES} PUD clones "
-                          f"differ: {', '.join(f'{e:#x}' for e in entries)}", cpu)
+                          f"differ: {', '.join(f'{e:#x}' for e in entries)}",
+                          cpu, affects=_group_cpus(g))
         for i in slots:
             if pud[i] & PAGE_PRESENT and ctx.flags(pud[i]) != want:
                 yield Finding("pud_prot", "error", f"group {g}: pud[{i}] = {pud[i]:#x} has "
                               f"flags {decode_flags(pud[i])}, the kernel sets "
-                              f"{decode_flags(want)}", cpu)
+                              f"{decode_flags(want)}", cpu, affects=_group_cpus(g))
     if ctx.rnd is None:
         return
     for i, e in enumerate(pud):
@@ -289,17 +303,18 @@ def check_pmd_clones(ctx: Context) -> Iterable[Finding]:
         if absent:
             yield Finding("pmd_clones", "error", f"group {g}: {len(absent)} of "
                           f"{ESPFIX_PMD_CLONES} PMD clones not present (first: pmd[{absent[0]}])",
-                          cpu)
+                          cpu, affects=_group_cpus(g))
         if len(values) > 1:
             common = values.most_common(1)[0][0]
             odd = [i for i, e in enumerate(pmd) if e & PAGE_PRESENT and e != common]
             yield Finding("pmd_clones", "error", f"group {g}: PMD clones differ: pmd[{odd[0]}] = "
-                          f"{pmd[odd[0]]:#x}, most are {common:#x}", cpu)
+                          f"{pmd[odd[0]]:#x}, most are {common:#x}", cpu, affects=_group_cpus(g))
         for value in values:
             if ctx.flags(value) != want:
                 i = pmd.index(value)
                 yield Finding("pmd_prot", "error", f"group {g}: pmd[{i}] = {value:#x} has flags "
-                              f"{decode_flags(value)}, the kernel sets {decode_flags(want)}", cpu)
+                              f"{decode_flags(value)}, the kernel sets {decode_flags(want)}",
+                              cpu, affects=_group_cpus(g))
 
 
 @check("pte_clones")
@@ -332,28 +347,31 @@ def check_pte_clones(ctx: Context) -> Iterable[Finding]:
             if absent:
                 yield Finding("pte_clones", "error", f"stack page {idx}: {len(absent)} of "
                               f"{ESPFIX_PTE_CLONES} PTE clones not present (first: pte[{absent[0]}])",
-                              cpu)
+                              cpu, affects=_page_cpus(idx))
             present = [e for e in entries if e & PAGE_PRESENT]
             if len(set(present)) > 1:
                 common = Counter(present).most_common(1)[0][0]
                 odd = next(i for i in slots if pte[i] & PAGE_PRESENT and pte[i] != common)
                 yield Finding("pte_clones", "error", f"stack page {idx}: PTE clones differ: "
-                              f"pte[{odd}] = {pte[odd]:#x}, most are {common:#x}", cpu)
+                              f"pte[{odd}] = {pte[odd]:#x}, most are {common:#x}",
+                              cpu, affects=_page_cpus(idx))
             for e in set(present):
                 if want_pa is not None and ctx.addr(e) != want_pa:
                     i = next(j for j in slots if pte[j] == e)
                     yield Finding("pte_clones", "error", f"stack page {idx}: pte[{i}] maps "
-                                  f"{ctx.addr(e):#x}, espfix_pages[{idx}] is {want_pa:#x}", cpu)
+                                  f"{ctx.addr(e):#x}, espfix_pages[{idx}] is {want_pa:#x}",
+                                  cpu, affects=_page_cpus(idx))
                 if ctx.flags(e) not in allowed:
                     i = next(j for j in slots if pte[j] == e)
                     yield Finding("pte_prot", "error", f"stack page {idx}: pte[{i}] = {e:#x} has "
                                   f"flags {decode_flags(e)}, the kernel sets "
                                   f"{' or '.join(decode_flags(a) for a in sorted(allowed))}"
-                                  f"{_why(e)}", cpu)
+                                  f"{_why(e)}", cpu, affects=_page_cpus(idx))
         for i, e in enumerate(pte):
             if e & PAGE_PRESENT and i not in used_slots:
                 yield Finding("stray_pte", "error", f"group {g}: pte[{i}] = {e:#x} is present but "
-                              "maps no stack page in use", g * CPUS_PER_GROUP)
+                              "maps no stack page in use", g * CPUS_PER_GROUP,
+                              affects=_group_cpus(g))
 
 
 def _why(entry: int) -> str:
@@ -441,5 +459,12 @@ def audit(state: EspfixState) -> AuditResult:
     findings: list[Finding] = []
     for _name, fn in CHECKS:
         findings.extend(fn(ctx))
-    bad = {f.cpu for f in findings if f.cpu is not None and f.severity != "info"}
+    bad: set[int] = set()
+    for f in findings:
+        if f.severity == "info":
+            continue
+        if f.cpu is not None:
+            bad.add(f.cpu)
+        if f.affects is not None:
+            bad.update(c for c in f.affects if c in state.cpus and state.cpus[c].initialised)
     return AuditResult(findings, ctx.rnd, ctx.rnd_source, bad)

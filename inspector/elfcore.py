@@ -263,8 +263,20 @@ def _open_core(path: str) -> BinaryIO:
             if os.geteuid() != 0:
                 raise InspectError(f"permission denied opening {path}: not root",
                                    "run espfix-inspect as root (sudo)") from None
+            mode, how = _lockdown_state()
+            if mode == "confidentiality":
+                raise InspectError(f"permission denied opening {path} as root: kernel "
+                                   f"lockdown=confidentiality ({how}) refuses it",
+                                   "boot without lockdown=confidentiality (integrity mode "
+                                   "allows /proc/kcore), or inspect a kdump vmcore "
+                                   "offline") from None
+            if mode is not None:
+                raise InspectError(f"permission denied opening {path} as root with lockdown="
+                                   f"{mode} ({how}): CAP_SYS_RAWIO is missing (a container "
+                                   "or a capability-bounded shell?)",
+                                   "run in the initial namespace with CAP_SYS_RAWIO") from None
             raise InspectError(f"permission denied opening {path} as root: kernel lockdown "
-                               f"({_lockdown_state()}) or a missing CAP_SYS_RAWIO",
+                               f"or a missing CAP_SYS_RAWIO ({how})",
                                "boot without lockdown, or inspect a kdump vmcore offline") from None
         raise InspectError(f"permission denied opening {path}",
                            "make the core readable, or run as root") from None
@@ -272,13 +284,21 @@ def _open_core(path: str) -> BinaryIO:
         raise InspectError(f"cannot open {path}: {e.strerror}", _read_fix(e)) from None
 
 
-def _lockdown_state() -> str:
+def _lockdown_state() -> tuple[str | None, str]:
+    """(lockdown mode or None, where it was read), from securityfs, else the kernel
+    command line (security/lockdown/lockdown.c: "none integrity [confidentiality]")."""
     try:
         with open("/sys/kernel/security/lockdown") as f:
-            text = f.read()
+            for word in f.read().split():
+                if word.startswith("["):
+                    return word.strip("[]"), "/sys/kernel/security/lockdown"
     except OSError:
-        return "state unknown"
-    for word in text.split():
-        if word.startswith("["):
-            return "lockdown=" + word.strip("[]")
-    return "state unknown"
+        pass
+    try:
+        with open("/proc/cmdline") as f:
+            for word in f.read().split():
+                if word.startswith("lockdown="):
+                    return word.split("=", 1)[1], "lockdown= on the kernel command line"
+    except OSError:
+        pass
+    return None, "lockdown state unknown: securityfs not mounted, no lockdown= on the cmdline"

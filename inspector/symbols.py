@@ -78,6 +78,12 @@ class SymbolTable:
         return stack is not None and stack < START_KERNEL_MAP
 
 
+#: Debian's linux-image packages ship /boot/System.map-KVER as this one line (seen in
+#: 6.1.0-56-amd64): "ffffffffffffffff B The real System.map is in the
+#: linux-image-<version>-dbg package".
+DEBIAN_PLACEHOLDER = "The real System.map is in the linux-image"
+
+
 def parse_symbol_text(text: str, source: str, kind: str) -> SymbolTable:
     """Parse kallsyms/System.map text.  Raises InspectError on unusable input."""
     addresses: dict[str, int] = {}
@@ -103,6 +109,11 @@ def parse_symbol_text(text: str, source: str, kind: str) -> SymbolTable:
         if name not in addresses:
             addresses[name] = addr
             types[name] = parts[1]
+    if DEBIAN_PLACEHOLDER in text[:4096]:
+        raise InspectError(f"{source} is Debian's placeholder System.map (one line: "
+                           f"\"{DEBIAN_PLACEHOLDER} ...\"), not a symbol table",
+                           "use /proc/kallsyms, or the vmlinux from the kernel's "
+                           "linux-image-<version>-dbg package (/usr/lib/debug/boot/)")
     if not parsed:
         raise InspectError(f"{source} holds no symbols",
                            "pass /proc/kallsyms, the kernel's System.map or its vmlinux")

@@ -109,6 +109,10 @@ def _meta(core: ElfCore) -> dict:
 POINTER_VALUED = frozenset({"mem_section", "vmemmap", "mem_map"})
 
 
+#: KASLR moves the image in CONFIG_PHYSICAL_ALIGN steps (0x200000 on x86-64 Debian).
+KASLR_ALIGN = 0x200000
+
+
 def _vmcoreinfo_symbols(info: dict[str, str]) -> dict[str, int]:
     """The image addresses VMCOREINFO exports, for matching a symbol file."""
     out = {}
@@ -135,6 +139,15 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
            f"built with the inspected kernel ({release})")
     chosen: SymbolTable | None = None
     mismatch = ""
+    # Every compared symbol off by one KASLR-aligned delta: the same build, another boot.
+    deltas = {(syms[n] - exported[n]) & ((1 << 64) - 1) for n in exported if n in syms}
+    if len(deltas) == 1 and (delta := deltas.pop()) and delta % KASLR_ALIGN == 0 \
+            and syms.kind != "vmlinux":
+        signed = delta - (1 << 64) if delta >> 63 else delta
+        boot_hint = (f"every symbol VMCOREINFO exports is off by {signed:+#x}, a KASLR "
+                     f"slide: it is this build's kallsyms saved during another boot")
+    else:
+        boot_hint = ""
     for shift in dict.fromkeys(shifts):
         cand = syms.shifted(shift)
         bad = [n for n in exported if n in cand and cand[n] != exported[n]]
@@ -145,6 +158,10 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
             n = bad[0]
             mismatch = f"{n} is {cand[n]:#x} there but {exported[n]:#x} in the core"
     if chosen is None:
+        if boot_hint:
+            raise InspectError(f"{syms.source} does not fit this boot: {boot_hint}",
+                               "use /proc/kallsyms of the running kernel, or this "
+                               f"kernel's System.map/vmlinux ({release})")
         raise InspectError(f"{syms.source} is from another kernel build: {mismatch}", fix)
     banner_addr = chosen.get("linux_banner")
     if banner_addr is not None:

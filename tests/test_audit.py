@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import kernel
-from tests.synthcore import NX, RW, USER
+from tests.synthcore import RW
+from tests.faults import (f_bad_pages, f_bad_stack, f_bad_waddr, f_missing_pmd, f_missing_pte,
+                          f_missing_pti, f_missing_pud, f_not_initialised, f_null_pages,
+                          f_nx_pte, f_nx_pud, f_statics, f_stray_pte, f_stray_pud,
+                          f_top_entry, f_user_pte, f_walk, f_writable_pmd, f_writable_pte,
+                          f_wrong_pmd, f_wrong_pte, pte_entry_pa)
 
 MODES = [
     dict(levels=5), dict(levels=4), dict(levels=5, pti=True), dict(levels=4, pti=True),
@@ -51,116 +56,6 @@ def test_possible_never_online_and_offline_initialised(inspect):
 def find(result, check, cpu="any", severity="error"):
     return [f for f in result.findings if f.check == check and f.severity == severity
             and (cpu == "any" or f.cpu == cpu)]
-
-
-def pte_entry_pa(k, cpu, clone=0):
-    lay_page = (k.get_percpu(cpu, "espfix_stack") >> 12) & 511
-    pte_page = k.pte_pa[k.group_pud_index(cpu) & ~3]
-    return pte_page + 8 * ((lay_page % 16) + 16 * clone)
-
-
-# Each fault: (name, spec, mutate(k), expected check, expected cpu or "any")
-def f_writable_pte(k):
-    pa = pte_entry_pa(k, 0, 5)
-    k.write_u64(pa, k.read_u64(pa) | RW)
-
-
-def f_user_pte(k):
-    for clone in range(32):
-        pa = pte_entry_pa(k, 0, clone)
-        k.write_u64(pa, k.read_u64(pa) | USER)
-
-
-def f_missing_pte(k):
-    k.write_u64(pte_entry_pa(k, 0, 31), 0)
-
-
-def f_wrong_pte(k):
-    pa = pte_entry_pa(k, 0, 7)
-    k.write_u64(pa, (k.read_u64(pa) & ~0xFFFFFFFFFF000) | 0x7770000)
-
-
-def f_nx_pte(k):
-    for clone in range(32):
-        pa = pte_entry_pa(k, 0, clone)
-        k.write_u64(pa, k.read_u64(pa) & ~NX)
-
-
-def f_missing_pmd(k):
-    k.write_u64(k.pmd_pa[k.group_pud_index(0)] + 8 * 300, 0)
-
-
-def f_wrong_pmd(k):
-    pa = k.pmd_pa[k.group_pud_index(0)] + 8 * 17
-    k.write_u64(pa, k.read_u64(pa) + 0x1000)
-
-
-def f_writable_pmd(k):
-    base = k.pmd_pa[k.group_pud_index(0)]
-    for i in range(512):
-        k.write_u64(base + 8 * i, k.read_u64(base + 8 * i) | RW)
-
-
-def f_missing_pud(k):
-    k.write_u64(k.pud_pa + 8 * (k.group_pud_index(0) + 2), 0)
-
-
-def f_nx_pud(k):
-    for i in range(4):
-        pa = k.pud_pa + 8 * (k.group_pud_index(0) + i)
-        k.write_u64(pa, k.read_u64(pa) & ~NX)
-
-
-def f_stray_pud(k):
-    k.write_u64(k.pud_pa + 8 * ((k.group_pud_index(0) + 8) % 512), k.pmd_pa[k.group_pud_index(0)] | 0x61)
-
-
-def f_stray_pte(k):
-    page = (k.get_percpu(0, "espfix_stack") >> 12) & 511
-    free = (page + 1) % 16
-    pte_page = k.pte_pa[k.group_pud_index(0) & ~3]
-    k.write_u64(pte_page + 8 * free, k.read_u64(pte_entry_pa(k, 0)))
-
-
-def f_bad_stack(k):
-    k.set_percpu(1, "espfix_stack", k.get_percpu(1, "espfix_stack") + 64)
-
-
-def f_bad_waddr(k):
-    k.set_percpu(2, "espfix_waddr", k.get_percpu(2, "espfix_waddr") + 0x1000)
-
-
-def f_null_pages(k):
-    k.put_u64(k.syms["espfix_pages"], 0)
-
-
-def f_bad_pages(k):
-    k.put_u64(k.syms["espfix_pages"], k.get_u64(k.syms["espfix_pages"]) + 0x2000)
-
-
-def f_not_initialised(k):
-    k.set_percpu(3, "espfix_stack", 0)
-    k.set_percpu(3, "espfix_waddr", 0)
-
-
-def f_missing_pti(k):
-    k.write_u64(k.espfix_top_entry_pa(user=True), 0)
-
-
-def f_top_entry(k):
-    pa = k.espfix_top_entry_pa()
-    k.write_u64(pa, k.read_u64(pa) + 0x1000)
-
-
-def f_statics(k):
-    k.put_u32(k.syms["page_random"], (k.rnd.page_random + 1) % 2048)
-
-
-def f_walk(k):
-    # all 32 clones agree but point at a page that is not espfix_pages[0]
-    for clone in range(32):
-        pa = pte_entry_pa(k, 0, clone)
-        k.write_u64(pa, (k.read_u64(pa) & ~0xFFFFFFFFFF000) | 0x7770000)
 
 
 FAULTS = [
@@ -247,3 +142,20 @@ def test_pages_read_at_most_once(inspect):
 def test_pti_sysfs_consistency(inspect, meltdown, pti, warns):
     _, result = inspect(kernel(pti=pti), host={"meltdown": meltdown})
     assert bool(find(result, "pti", severity="warning")) == warns
+
+
+def test_page_fault_marks_every_cpu_on_that_page(inspect):
+    """A bad PTE of stack page 0 concerns CPUs 0-63, not only the first one."""
+    k = kernel(nr_cpus=130)
+    f_writable_pte(k)
+    _, result = inspect(k)
+    assert result.per_cpu_bad == set(range(64))
+    hit = find(result, "pte_prot", 0)[0]
+    assert hit.as_dict()["affects"] == "0-63"
+
+
+def test_group_fault_marks_the_initialised_cpus_of_the_group(inspect):
+    k = kernel(nr_cpus=1100)
+    f_nx_pud(k)
+    _, result = inspect(k)
+    assert result.per_cpu_bad == set(range(1024))

@@ -101,6 +101,17 @@ def test_empty_symbols(capsys, clean, tmp_path):
     assert "holds no symbols" in one_line(err)
 
 
+def test_debian_placeholder_system_map(capsys, clean, tmp_path):
+    """The exact one-line /boot/System.map-6.1.0-56-amd64 Debian ships (seen in the VM)."""
+    core, _ = clean
+    fake = tmp_path / "System.map-6.1.0-56-amd64"
+    fake.write_text("ffffffffffffffff B The real System.map is in the "
+                    "linux-image-<version>-dbg package\n")
+    rc, _, err = run(capsys, "validate", "--core", core, "--symbols", str(fake))
+    assert rc == 2
+    assert "Debian's placeholder System.map" in one_line(err)
+
+
 def test_zeroed_kallsyms(capsys, clean, tmp_path):
     core, syms = clean
     zeroed = tmp_path / "kallsyms"
@@ -126,7 +137,36 @@ def test_kallsyms_of_another_boot_refused(capsys, write_kernel):
     _, other_boot = write_kernel(kernel(kaslr_offset=0x10000000))
     rc, _, err = run(capsys, "validate", "--core", core, "--symbols", other_boot)
     assert rc == 2
-    assert "is from another kernel build: init_uts_ns is 0x" in one_line(err)
+    assert "does not fit this boot: every symbol VMCOREINFO exports is off by " \
+        "-0x1a400000, a KASLR slide" in one_line(err)
+
+
+SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
+
+
+def _sample_symbols(core: str, out) -> str:
+    """The real kallsyms lines a snapshot embeds, as a plain symbol file."""
+    from inspector.elfcore import ElfCore
+    from inspector.target import NT_SYMBOLS, SNAPSHOT_NOTE
+    with ElfCore(core) as c:
+        note = next(n for n in c.notes if n.name == SNAPSHOT_NOTE and n.type == NT_SYMBOLS)
+        out.write_bytes(note.desc)
+    return str(out)
+
+
+@pytest.mark.parametrize(("syms_from", "core", "needle"), [
+    ("sid-7.x-l5", "bookworm-6.1-l5", "is from another kernel build: init_uts_ns is"),
+    ("bookworm-6.1-l5", "sid-7.x-l5", "is from another kernel build: init_uts_ns is"),
+    ("bookworm-6.1-l4-pti", "bookworm-6.1-l5", "does not fit this boot: every symbol"),
+])
+def test_real_symbols_of_another_kernel_refused(capsys, tmp_path, syms_from, core, needle):
+    """Real kallsyms captured from other Debian kernels (and another boot of the same
+    build), taken from the snapshots in samples/, against a real snapshot."""
+    syms = _sample_symbols(os.path.join(SAMPLES, f"{syms_from}.core"), tmp_path / "syms")
+    rc, _, err = run(capsys, "validate", "--core", os.path.join(SAMPLES, f"{core}.core"),
+                     "--symbols", syms)
+    assert rc == 2
+    assert needle in one_line(err)
 
 
 @pytest.mark.parametrize("kind", ["system.map", "vmlinux"])

@@ -18,12 +18,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-pytestmark = [
-    pytest.mark.guest,
-    pytest.mark.skipif(not os.path.exists("/proc/kcore"),
-                       reason="needs /proc/kcore: run in the VM harness (pytest -m vm tests/vm)"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (reads /proc/kcore)"),
-]
+from tests.guest.live import kcore_usable  # noqa: E402
+
+_USABLE, _WHY = kcore_usable()
+pytestmark = [pytest.mark.guest, pytest.mark.skipif(not _USABLE, reason=_WHY or "-")]
 
 
 def tool(*args: str, user: int | None = None, check_rc: int | None = 0):
@@ -229,3 +227,42 @@ def test_symbols_of_another_build_refused(tmp_path):
             f.write(f"{addr:016x} D {name}\n")
     proc = tool("validate", "--symbols", str(fake), check_rc=2)
     assert "from another kernel build" in proc.stderr
+
+
+def test_debian_boot_system_map_is_explained(validate):
+    """Debian ships /boot/System.map-KVER as a one-line placeholder (the real one is in
+    the -dbg package): the tool must say so; a real System.map must give kallsyms' verdict."""
+    path = f"/boot/System.map-{os.uname().release}"
+    if not os.path.exists(path):
+        pytest.skip(f"no {path} in this image")
+    if "The real System.map is in" in open(path).read(4096):
+        proc = tool("validate", "--symbols", path, check_rc=2)
+        assert proc.stderr.count("\n") == 1 and "Debian's placeholder System.map" in proc.stderr
+    else:
+        doc = tool_json("validate", "--symbols", path)
+        assert doc["findings"] == validate["findings"] and doc["cpus"] == validate["cpus"]
+
+
+def test_real_symbols_of_other_kernels_refused(tmp_path):
+    """kallsyms captured from other Debian kernels and boots (embedded in samples/)."""
+    from inspector.elfcore import ElfCore
+    from inspector.target import NT_SYMBOLS, SNAPSHOT_NOTE
+    live = ElfCore("/proc/kcore").vmcoreinfo
+    samples = sorted(f for f in os.listdir(os.path.join(ROOT, "samples")) if f.endswith(".core"))
+    tried = 0
+    for name in samples:
+        with ElfCore(os.path.join(ROOT, "samples", name)) as c:
+            info = c.vmcoreinfo
+            note = next(n for n in c.notes if n.name == SNAPSHOT_NOTE and n.type == NT_SYMBOLS)
+        if (info["OSRELEASE"], info.get("KERNELOFFSET")) == \
+                (live["OSRELEASE"], live.get("KERNELOFFSET")):
+            continue                  # the same build and KASLR slide: it would fit
+        syms = tmp_path / f"{name}.kallsyms"
+        syms.write_bytes(note.desc)
+        proc = tool("validate", "--symbols", str(syms), check_rc=2)
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        want = "does not fit this boot" if info["OSRELEASE"] == live["OSRELEASE"] \
+            else "from another kernel build"
+        assert want in proc.stderr, (name, proc.stderr)
+        tried += 1
+    assert tried >= 2

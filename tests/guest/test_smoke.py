@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.live import lockdown_mode
+
 KCORE = Path("/proc/kcore")
 CPU = Path("/sys/devices/system/cpu")
 NODE = Path("/sys/devices/system/node")
@@ -22,6 +24,9 @@ if not KCORE.exists():
 elif os.geteuid() != 0:
     pytestmark = pytest.mark.skip(
         reason="needs root (CAP_SYS_RAWIO) for /proc/kcore and unmasked /proc/kallsyms")
+elif lockdown_mode() == "confidentiality":
+    pytestmark = pytest.mark.skip(reason="kernel lockdown refuses /proc/kcore: "
+                                         "test_lockdown.py covers this row")
 
 
 def _expect(name: str) -> str:

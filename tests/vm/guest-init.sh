@@ -32,6 +32,7 @@ mnt tmpfs /run mode=755
 mnt debugfs /sys/kernel/debug
 mnt tracefs /sys/kernel/tracing
 mnt bpf /sys/fs/bpf
+mnt securityfs /sys/kernel/security
 if ! mountpoint -q $SHARE; then
     modprobe 9pnet_virtio && modprobe 9p
     mnt 9p $SHARE trans=virtio,version=9p2000.L,msize=262144

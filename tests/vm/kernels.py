@@ -89,6 +89,10 @@ VARIANTS: dict[str, dict[str, Variant]] = {
         "maxcpus2": Variant("maxcpus2", _CPU_L5 + _SMP4, ("maxcpus=2",),
                             expect_possible="0-3", expect_online="0-1",
                             description="4 CPUs present, kernel brings up 2"),
+        "lockdown": Variant("lockdown", _CPU_L5 + ("-smp", "2"),
+                            ("lockdown=confidentiality",), expect_possible="0-1",
+                            expect_present="0-1", expect_online="0-1",
+                            description="kernel lockdown: /proc/kcore refused"),
     },
     "trixie": {
         "l5pti": Variant("l5pti", _CPU_L5 + _SMP4, ("pti=on",),
