@@ -15,8 +15,8 @@ from typing import Sequence
 
 from . import __version__
 from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
-from .model import (ESPFIX_MAX_CPUS, Randomness, cpu_layout, group_layouts, memory_cost,
-                    parse_cpu_list)
+from .model import (ESPFIX_MAX_CPUS, Randomness, cpu_layout, format_cpu_list, group_layouts,
+                    memory_cost, parse_cpu_list)
 from .target import KCORE_PATH
 
 PROG = "espfix-inspect"
@@ -31,6 +31,8 @@ EXAMPLES = """examples:
     espfix-inspect stacks                   # each CPU's ministack and last IRET frame
     espfix-inspect stacks --cpu 0-3 --json
     espfix-inspect snapshot -o espfix.core  # save what validate reads, for offline use
+    espfix-inspect exercise                 # run the 16-bit-SS return path on every CPU
+    espfix-inspect exercise --cpu 1 --duration 1 --json
 
 exit status: 0 all good, 1 findings (errors or warnings), 2 could not inspect
 """
@@ -121,6 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
                               "    espfix-inspect validate --core espfix.core\n")
     _source_args(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot file")
+
+    p = sub.add_parser("exercise", help="run the 16-bit-SS return path on each CPU (ptrace + "
+                       "modify_ldt) and check nothing leaks",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n    espfix-inspect exercise\n    espfix-inspect "
+                              "exercise --cpu 0,2 --duration 1\n    espfix-inspect exercise "
+                              "--no-kcore --json      # round trips only\n\nexit status: 0 "
+                              "every round trip ok, 1 a leak, a missing ministack frame or "
+                              "no progress, 2 could not exercise\n")
+    p.add_argument("--cpu", type=_cpu_list, metavar="LIST",
+                   help="CPUs to exercise (default: every CPU this process may run on)")
+    p.add_argument("--duration", type=float, default=0.25, metavar="S",
+                   help="seconds per round trip (default 0.25; 4 rounds per CPU)")
+    p.add_argument("--no-kcore", action="store_true",
+                   help="skip the ministack cross-check through /proc/kcore")
+    p.add_argument("--control", action="store_true",
+                   help="add a negative control: a flat-SS round that must leave no "
+                        "ministack frame (needs /proc/kcore)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -205,16 +226,64 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _live_state_or_note(args: argparse.Namespace):
+    """(target, state, None) when /proc/kcore can be read, else (None, None, why not)."""
+    if args.no_kcore:
+        return None, None, "--no-kcore"
+    try:
+        target, state = _open(argparse.Namespace(core=KCORE_PATH, symbols=None))
+    except InspectError as e:
+        return None, None, e.cause
+    return target, state, None
+
+
+def cmd_exercise(args: argparse.Namespace) -> int:
+    from .exercise import exercise
+    from .report import dumps, exercise_json, exercise_text
+    if not 0.01 <= args.duration <= 60:
+        raise InspectError(f"--duration {args.duration} is out of range", "use 0.01..60 s")
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = args.cpu if args.cpu is not None else allowed
+    refused = [c for c in cpus if c not in allowed]
+    if refused:
+        raise InspectError(f"CPU {refused[0]} is not online or not in this process's "
+                           f"affinity ({format_cpu_list(allowed)})",
+                           f"pick CPUs from {format_cpu_list(allowed)}")
+    target, state, note = _live_state_or_note(args)
+    if args.control and state is None:
+        raise InspectError(f"--control needs the ministack cross-check, which is off: {note}",
+                           "run as root where /proc/kcore is readable")
+    try:
+        rounds = exercise(cpus, args.duration, state, args.control)
+    finally:
+        if target is not None:
+            target.close()
+    print(dumps(exercise_json(rounds, note)) if args.json else exercise_text(rounds, note))
+    return EXIT_OK if all(r.verdict == "ok" for r in rounds) else EXIT_FINDINGS
+
+
 COMMANDS = {"layout": cmd_layout, "validate": cmd_validate, "stacks": cmd_stacks,
-            "snapshot": cmd_snapshot}
+            "snapshot": cmd_snapshot, "exercise": cmd_exercise}
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: unwind (finally blocks kill and reap children), then exit 2."""
+
+
+def _terminated(*_: object) -> None:
+    raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_CANNOT_INSPECT))
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
+    except Terminated:
+        print(f"{PROG}: terminated by SIGTERM (children killed, nothing left behind)",
+              file=sys.stderr)
+        return EXIT_CANNOT_INSPECT
     except InspectError as e:
         print(f"{PROG}: {e.line()}", file=sys.stderr)
         return EXIT_CANNOT_INSPECT

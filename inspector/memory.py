@@ -50,6 +50,9 @@ class MemorySource(Protocol):
     def phys_page(self, paddr: int) -> bytes:
         """The whole 4 KiB page containing *paddr* (cached)."""
 
+    def invalidate(self, paddr: int) -> None:
+        """Drop the cached page holding *paddr*, so the next read is fresh."""
+
 
 class CoreMemory:
     """Memory of an :class:`~inspector.elfcore.ElfCore`."""
@@ -77,6 +80,11 @@ class CoreMemory:
             self.stats.pages_read += 1
             self.stats.page_fetches[base >> 12] += 1
         return page
+
+    def invalidate(self, paddr: int) -> None:
+        """Forget the cached page holding *paddr*: the next read sees live memory
+        (ministacks change while a live kernel runs)."""
+        self._pages.pop(paddr & PAGE_MASK, None)
 
     def read_phys(self, paddr: int, size: int) -> bytes:
         off = paddr & (PAGE_SIZE - 1)
@@ -116,6 +124,9 @@ class RecordingMemory:
         page = self.inner.phys_page(paddr)
         self.phys[paddr & PAGE_MASK] = page
         return page
+
+    def invalidate(self, paddr: int) -> None:
+        self.inner.invalidate(paddr)
 
     def read_phys(self, paddr: int, size: int) -> bytes:
         data = self.inner.read_phys(paddr, size)

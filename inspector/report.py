@@ -12,12 +12,13 @@ from typing import Iterable
 from tabulate import tabulate
 
 from .audit import AuditResult, Finding
+from .exercise import RoundTrip
 from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
                     Randomness, format_cpu_list, page_and_slot)
 from .state import EspfixState
 
 __all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
-           "stacks_text", "stacks_json", "dumps"]
+           "stacks_text", "stacks_json", "exercise_text", "exercise_json", "dumps"]
 
 CPU_TABLE_LIMIT = 64
 
@@ -208,3 +209,52 @@ def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
         table, headers=["CPU", "ESPFIX_STACK", "ESPFIX_WADDR", "PHYS", "PG/SLOT",
                         *[k.upper() for k in FRAME_WORDS]],
         tablefmt="simple", disable_numparse=True)
+
+
+# --------------------------------------------------------------------------- exercise
+
+def exercise_json(rounds: list[RoundTrip], kcore_note: str | None) -> dict:
+    return {"ok": all(r.verdict == "ok" for r in rounds),
+            "kcore_cross_check": kcore_note is None,
+            "kcore_note": kcore_note,
+            "rounds": [r.as_dict() for r in rounds]}
+
+
+def _frame_cell(r: RoundTrip) -> str:
+    if not r.frame_checked:
+        return "-"
+    if r.frame is None:
+        return "empty"
+    f = r.frame
+    return f"rip={f['rip']:#x} ss={f['ss']:#x} rsp={f['rsp']:#x}"
+
+
+def exercise_text(rounds: list[RoundTrip], kcore_note: str | None) -> str:
+    lines = ["espfix exercise: a child per CPU with SS = a 16-bit LDT data segment, "
+             "spinning while interrupts return to it"]
+    lines.append("ministack cross-check: " + ("on (/proc/kcore)" if kcore_note is None
+                                               else f"off: {kcore_note}"))
+    lines.append("")
+    rows = [[r.cpu, r.mode, f"{r.cs:#x}:{r.ss:#x}", f"{r.rsp_set:#x}",
+             _h(r.rsp_back), r.interruptions,
+             "-" if r.timer_irqs is None else r.timer_irqs, _frame_cell(r), r.verdict]
+            for r in rounds]
+    lines.append(tabulate(rows, headers=["CPU", "MODE", "CS:SS", "RSP SET", "RSP BACK",
+                                         "INTERRUPTIONS", "TIMER IRQS", "MINISTACK FRAME",
+                                         "VERDICT"], tablefmt="simple"))
+    notes = [(r, why) for r in rounds for why in r.reasons]
+    if notes:
+        lines.append("")
+        seen: set[str] = set()
+        for r, why in notes:
+            key = f"{r.mode}: {why}" if r.verdict == "ok" else f"cpu {r.cpu} {r.mode}: {why}"
+            if key not in seen:
+                seen.add(key)
+                lines.append(("note " if r.verdict == "ok" else f"{r.verdict} ") + key)
+    bad = [r for r in rounds if r.verdict != "ok"]
+    cpus = sorted({r.cpu for r in rounds})
+    lines.append("")
+    lines.append(f"result: {'OK' if not bad else 'FINDINGS'} ({len(rounds)} round trip(s) "
+                 f"on {len(cpus)} CPU(s), {len(bad)} not ok; INTERRUPTIONS = gaps the child "
+                 f"saw in its own TSC, each followed by an RSP check)")
+    return "\n".join(lines)

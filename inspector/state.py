@@ -157,16 +157,19 @@ class EspfixState:
         off = (vaddr - self.info.page_offset_base) & MASK64
         return off if off < DIRECT_MAP_SIZE[self.info.levels] else None
 
-    def frame(self, cpu: int) -> dict[str, int] | None:
+    def frame(self, cpu: int, fresh: bool = False) -> dict[str, int] | None:
         """The last IRET frame the entry code left in *cpu*'s ministack
         (``native_irq_return_ldt`` writes RAX, RIP, CS, RFLAGS, RSP, SS through
-        ``espfix_waddr``), or None when the slot was never used."""
+        ``espfix_waddr``), or None when the slot was never used.  *fresh* re-reads
+        the stack page instead of using the cached copy (live kernels)."""
         st = self.cpus[cpu]
         if not st.initialised:
             return None
         w = self.walk(st.espfix_stack)
         if w.phys is None:
             return None
+        if fresh:
+            self.reader.mem.invalidate(w.phys)
         page = self.reader.mem.phys_page(w.phys)
         off = st.espfix_stack & 0xFFF
         words = struct.unpack_from("<6Q", page, off)

@@ -3,7 +3,8 @@
 
     python3 samples/refresh.py [NAME ...]      # default: all of SAMPLES
 
-Each sample is `espfix-inspect snapshot` run as root in a guest of the pinned
+Each sample is `espfix-inspect exercise` (so the ministacks hold real frames) then
+`espfix-inspect snapshot`, run as root in a guest of the pinned
 kernel matrix (tests/vm), carried back to the host as base64 on stdout,
 written atomically, then checked to validate offline with exit 0.
 """
@@ -27,6 +28,7 @@ SAMPLES = {
     "bookworm-6.1-l5": ("bookworm", "l5"),
     "bookworm-6.1-l4-pti": ("bookworm", "pti"),
     "bookworm-6.1-maxcpus8": ("bookworm", "maxcpus8"),
+    "trixie-6.12-l5-pti": ("trixie", "l5pti"),
     "sid-7.x-l5": ("sid", "l5"),
     "sid-7.x-l4-pti": ("sid", "l4pti"),
 }
@@ -35,7 +37,9 @@ BEGIN, END = "----BEGIN SNAPSHOT----", "----END SNAPSHOT----"
 
 def capture(name: str) -> str:
     kernel, variant = SAMPLES[name]
-    cmd = (f"espfix-inspect snapshot -o /tmp/s.core >&2 && echo {BEGIN} && "
+    # exercise first, so that the ministacks hold real IRET frames for `stacks --core`
+    cmd = (f"espfix-inspect exercise --duration 0.1 >&2 && "
+           f"espfix-inspect snapshot -o /tmp/s.core >&2 && echo {BEGIN} && "
            f"base64 -w0 /tmp/s.core && echo && echo {END}")
     res = run_in_vm(kernel, variant, cmd, timeout=600)
     if res.returncode != 0:

@@ -12,10 +12,10 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "inspector"
 
 LEVEL = {
     "errors": 0, "model": 0,
-    "elfcore": 1, "symbols": 1, "memory": 1, "target": 1, "hostfacts": 1, "elfwrite": 1,
+    "elfcore": 1, "symbols": 1, "memory": 1, "target": 1, "hostfacts": 1, "elfwrite": 1, "ldt": 1,
     "pagetable": 2,
     "state": 3,
-    "audit": 4, "snapshot": 5,
+    "audit": 4, "snapshot": 5, "exercise": 5,
     "report": 6,
     "cli": 7, "__main__": 8, "__init__": 0,
 }

@@ -1,0 +1,137 @@
+"""The system calls `exercise` needs, through ctypes: modify_ldt, ptrace, mmap.
+
+Only user-space state is touched: the child's own LDT, a page of its own memory and its
+registers.  Nothing here reads or writes kernel memory.
+
+Facts:
+- ``struct user_desc`` and its bit fields: arch/x86/include/uapi/asm/ldt.h.  An LDT
+  selector is ``(entry << 3) | 4 (TI) | 3 (RPL)``.
+- ``struct user_regs_struct`` (27 x u64): arch/x86/include/asm/user_64.h.
+- __USER_CS 0x33, __USER32_CS 0x23, __USER_DS 0x2b: arch/x86/include/asm/segment.h.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from .errors import InspectError
+
+SYS_MODIFY_LDT = 154            # arch/x86/entry/syscalls/syscall_64.tbl
+PTRACE_TRACEME, PTRACE_PEEKDATA, PTRACE_CONT = 0, 2, 7
+PTRACE_KILL, PTRACE_GETREGS, PTRACE_SETREGS = 8, 12, 13
+PROT_RWX = 0x1 | 0x2 | 0x4
+MAP_SHARED, MAP_ANONYMOUS, MAP_32BIT = 0x01, 0x20, 0x40
+
+USER_CS, USER32_CS, USER_DS = 0x33, 0x23, 0x2B
+SELECTOR_TI = 0x4               # table indicator: the selector names an LDT entry
+
+
+def ldt_selector(entry: int) -> int:
+    return (entry << 3) | SELECTOR_TI | 3
+
+
+class UserDesc(ctypes.Structure):
+    """``struct user_desc``; the bit fields packed into one unsigned int."""
+    _fields_ = [("entry_number", ctypes.c_uint), ("base_addr", ctypes.c_uint),
+                ("limit", ctypes.c_uint), ("flags", ctypes.c_uint)]
+
+    # flag bits, in ldt.h order
+    SEG_32BIT, CONTENTS_SHIFT, READ_EXEC_ONLY, LIMIT_IN_PAGES = 1, 1, 8, 16
+    SEG_NOT_PRESENT, USEABLE, LM = 32, 64, 128
+
+
+def data16_desc(entry: int) -> UserDesc:
+    """A 16-bit (seg_32bit=0) read/write data segment, base 0, 64 KiB limit: the kind of
+    stack segment whose IRET restores only SP[15:0]."""
+    return UserDesc(entry, 0, 0xFFFF, 0)
+
+
+class UserRegs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_ulonglong) for n in (
+        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+        "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
+        "gs_base", "ds", "es", "fs", "gs")]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.ptrace.restype = ctypes.c_long
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _err(what: str) -> OSError:
+    e = ctypes.get_errno()
+    return OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def modify_ldt_write(desc: UserDesc) -> None:
+    """modify_ldt(1, desc): install an LDT entry in the calling process."""
+    if _libc.syscall(SYS_MODIFY_LDT, 1, ctypes.byref(desc), ctypes.sizeof(desc)) != 0:
+        raise _err("modify_ldt")
+
+
+def modify_ldt_read(size: int = 8 * 16) -> bytes:
+    """modify_ldt(0, buf, size): the calling process's LDT (for probing support)."""
+    buf = ctypes.create_string_buffer(size)
+    n = _libc.syscall(SYS_MODIFY_LDT, 0, buf, size)
+    if n < 0:
+        raise _err("modify_ldt")
+    return buf.raw[:n]
+
+
+def ptrace(request: int, pid: int, addr: int = 0, data: object = None) -> int:
+    ctypes.set_errno(0)
+    arg = ctypes.byref(data) if isinstance(data, ctypes.Structure) else data
+    r = _libc.ptrace(request, pid, ctypes.c_void_p(addr), arg)
+    if r == -1 and ctypes.get_errno():
+        raise _err(f"ptrace({request})")
+    return r
+
+
+def getregs(pid: int) -> UserRegs:
+    regs = UserRegs()
+    ptrace(PTRACE_GETREGS, pid, 0, regs)
+    return regs
+
+
+def setregs(pid: int, regs: UserRegs) -> None:
+    ptrace(PTRACE_SETREGS, pid, 0, regs)
+
+
+class SharedPage:
+    """An RWX page below 2 GiB (MAP_32BIT), shared with children forked after it exists,
+    so a compat-mode (32-bit) child can run code in it and the parent sees its counters."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        addr = _libc.mmap(None, self.SIZE, PROT_RWX, MAP_SHARED | MAP_ANONYMOUS | MAP_32BIT,
+                          -1, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            e = ctypes.get_errno()
+            raise InspectError(f"cannot map an executable page below 4 GiB: "
+                               f"{os.strerror(e)}",
+                               "allow PROT_EXEC mappings (SELinux execmem, noexec policies)")
+        self.addr: int = addr
+        self.buf = (ctypes.c_char * self.SIZE).from_address(addr)
+
+    def write(self, off: int, data: bytes) -> None:
+        ctypes.memmove(self.addr + off, data, len(data))
+
+    def read(self, off: int, size: int) -> bytes:
+        return ctypes.string_at(self.addr + off, size)
+
+    def close(self) -> None:
+        if self.addr:
+            _libc.munmap(self.addr, self.SIZE)
+            self.addr = 0
+
+
+def errno_name(e: OSError) -> str:
+    return errno.errorcode.get(e.errno or 0, str(e.errno))
