@@ -63,6 +63,7 @@ class SynthSpec:
     frames: dict[int, tuple[int, ...]] = field(default_factory=dict)
     vmcoreinfo: bool = True
     layout_shift: int = 0                  # move the data symbols: "another build"
+    espfix: bool = True                    # False: init_espfix_bsp() returned early (FRED)
 
 
 class SynthKernel:
@@ -74,6 +75,8 @@ class SynthKernel:
         self.nr_cpus_config = max(64, s.nr_cpus)
         self.online = list(range(s.nr_cpus)) if s.online is None else sorted(s.online)
         self.brought_up = self.online if s.brought_up is None else list(s.brought_up)
+        if not s.espfix:
+            self.brought_up = []
         self.cpu_node = s.cpu_node or {c: c % s.nodes for c in range(s.nr_cpus)}
         self.phys: dict[int, bytearray] = {}          # page-aligned pa -> page
         self.pool_next = {n: RAM_POOL + n * NODE_STRIDE for n in range(s.nodes)}
@@ -257,7 +260,8 @@ class SynthKernel:
             self.write_u64(self.pgd_pa + 8 * ((self.pob >> 48) & 511), dm_pud | PAGE_TABLE | sme)
             self.write_u64(self.pgd_pa + 8 * 511, l4 | PAGE_TABLE | sme)
             self.write_u64(l4 + 8 * 511, l3 | PAGE_TABLE | sme)
-            self.write_u64(l4 + 8 * 510, self.pud_pa | PAGE_TABLE | sme)   # p4d_populate
+            if s.espfix:
+                self.write_u64(l4 + 8 * 510, self.pud_pa | PAGE_TABLE | sme)   # p4d_populate
             if s.pti:
                 up4d = self.alloc_page(0)
                 self.write_u64(self.user_pgd_pa + 8 * 511, up4d | KERNPG_TABLE | sme)
@@ -267,7 +271,8 @@ class SynthKernel:
         else:
             self.write_u64(self.pgd_pa + 8 * ((self.pob >> 39) & 511), dm_pud | PAGE_TABLE | sme)
             self.write_u64(self.pgd_pa + 8 * 511, l3 | PAGE_TABLE | sme)
-            self.write_u64(self.pgd_pa + 8 * 510, self.pud_pa | PAGE_TABLE | sme)
+            if s.espfix:
+                self.write_u64(self.pgd_pa + 8 * 510, self.pud_pa | PAGE_TABLE | sme)
             if s.pti:
                 self.write_u64(self.user_pgd_pa + 8 * 510, self.read_u64(self.pgd_pa + 8 * 510))
                 self.write_u64(self.user_pgd_pa + 8 * 511, l3 | PAGE_TABLE | sme)
