@@ -142,7 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a negative control: a flat-SS round that must leave no "
                         "ministack frame (needs /proc/kcore)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    for mod in _extensions():
+        mod.add_parser(sub)
     return parser
+
+
+#: Command families kept in their own modules (each has add_parser(sub) and COMMANDS).
+EXTENSIONS: tuple[str, ...] = ()
+
+
+def _extensions() -> list:
+    import importlib
+    return [importlib.import_module(f".{name}", __package__) for name in EXTENSIONS]
 
 
 def _randomness(args: argparse.Namespace) -> Randomness:
@@ -278,8 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
+    commands = dict(COMMANDS)
+    for mod in _extensions():
+        commands.update(mod.COMMANDS)
     try:
-        return COMMANDS[args.command](args)
+        return commands[args.command](args)
     except Terminated:
         print(f"{PROG}: terminated by SIGTERM (children killed, nothing left behind)",
               file=sys.stderr)
