@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Command families kept in their own modules (each has add_parser(sub) and COMMANDS).
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("trace_cli",)
 
 
 def _extensions() -> list:

@@ -17,7 +17,7 @@ LEVEL = {
     "state": 3,
     "audit": 4, "snapshot": 5, "exercise": 5,
     "report": 6,
-    "cli": 7, "__main__": 8, "__init__": 0,
+    "cli": 7, "trace_cli": 7, "__main__": 8, "__init__": 0,
 }
 
 

@@ -29,7 +29,8 @@ def test_kcore_really_refused():
         open("/proc/kcore", "rb").close()
 
 
-@pytest.mark.parametrize("cmd", [["validate"], ["stacks"], ["snapshot", "-o", "/tmp/s.core"]])
+@pytest.mark.parametrize("cmd", [["validate"], ["stacks"], ["snapshot", "-o", "/tmp/s.core"],
+                                 ["trace", "1"]])
 def test_lockdown_is_explained(cmd):
     proc = subprocess.run([sys.executable, "-m", "inspector", *cmd], cwd=ROOT,
                           capture_output=True, text=True,

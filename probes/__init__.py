@@ -1,0 +1,1 @@
+"""BPF programs (espfix.bpf.c) and their BCC loaders."""
