@@ -33,6 +33,7 @@ EXAMPLES = """examples:
     espfix-inspect snapshot -o espfix.core  # save what validate reads, for offline use
     espfix-inspect exercise                 # run the 16-bit-SS return path on every CPU
     espfix-inspect exercise --cpu 1 --duration 1 --json
+    espfix-inspect trace 30                 # BCC: init_espfix_ap, modify_ldt, espfix returns
 
 exit status: 0 all good, 1 findings (errors or warnings), 2 could not inspect
 """
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Command families kept in their own modules (each has add_parser(sub) and COMMANDS).
-EXTENSIONS: tuple[str, ...] = ("trace_cli",)
+EXTENSIONS: tuple[str, ...] = ("trace_cli", "watch_cli")
 
 
 def _extensions() -> list:
