@@ -56,8 +56,8 @@ def layout_text(cpus: list[CpuLayout], groups: list[GroupLayout], cost: MemoryCo
     out.append(tabulate(grows, headers=["GROUP", "CPUS", "PUD SLOTS", "STACK PAGES (n/64->page)"],
                         tablefmt="simple", disable_numparse=True))
     out.append("")
-    out.append(f"each group: 1 PMD page (512 clones) and 1 PTE page (32 clones per stack page "
-               f"at pte index page%16)")
+    out.append("each group: 1 PMD page (512 clones) and 1 PTE page (32 clones per stack page "
+               "at pte index page%16)")
     out.append(f"memory: {cost.stack_pages} stack page(s) + {cost.pmd_pages} PMD + "
                f"{cost.pte_pages} PTE + 1 PUD (static) = {cost.pages} pages, "
                f"{cost.bytes} bytes ({cost.bytes / 1024:.0f} KiB)")

@@ -151,7 +151,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     def handle(events: list[dict]) -> None:
         for ev in events:
-            ts = time.monotonic() - t0
+            # bpf_ktime_get_ns() is CLOCK_MONOTONIC, the clock of time.monotonic()
+            ts = ev.pop("ts_ns") / 1e9 - t0
             if ev["type"] == "init":
                 if not args.no_verify:
                     ev["validate"] = verify_cpu(ev["target_cpu"])

@@ -276,7 +276,7 @@ def init_summary(ev: InitEvent) -> dict:
         if not b.pmd & PRESENT and a.pmd & PRESENT:
             allocated.append("PTE page")
     return {
-        "type": "init", "target_cpu": ev.target_cpu, "cpu": ev.cpu, "pid": ev.pid,
+        "type": "init", "ts_ns": ev.ts_ns, "target_cpu": ev.target_cpu, "cpu": ev.cpu, "pid": ev.pid,
         "comm": ev.comm.decode(errors="replace"), "latency_us": round(ev.latency_ns / 1e3, 1),
         "outcome": ("set up" if did_work else
                     "early return (espfix_stack already set)" if b.stack else
@@ -299,7 +299,7 @@ def decode_user_desc(flags: int) -> dict:
 
 
 def ldt_summary(ev: LdtEvent) -> dict:
-    out = {"type": "ldt", "pid": ev.pid, "tid": ev.tid, "comm": ev.comm.decode(errors="replace"),
+    out = {"type": "ldt", "ts_ns": ev.ts_ns, "pid": ev.pid, "tid": ev.tid, "comm": ev.comm.decode(errors="replace"),
            "func": ev.func, "ret": ev.ret}
     if ev.have_desc:
         d = decode_user_desc(ev.flags)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from inspector.elfcore import NO_PADDR
 from inspector.elfwrite import LoadSegment, NoteEntry, atomic_output, write_core
-from inspector.model import (ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES, ESPFIX_PTE_CLONES,
+from inspector.model import (ESPFIX_PMD_CLONES, ESPFIX_PTE_CLONES,
                              ESPFIX_PUD_CLONES, ESPFIX_STACKS_PER_PAGE, PTE_STRIDE,
                              Randomness, espfix_base_addr)
 

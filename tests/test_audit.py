@@ -11,7 +11,7 @@ from tests.faults import (f_bad_pages, f_bad_stack, f_bad_waddr, f_missing_pmd, 
                           f_missing_pti, f_missing_pud, f_not_initialised, f_null_pages,
                           f_nx_pte, f_nx_pud, f_statics, f_stray_pte, f_stray_pud,
                           f_top_entry, f_user_pte, f_walk, f_writable_pmd, f_writable_pte,
-                          f_wrong_pmd, f_wrong_pte, pte_entry_pa)
+                          f_wrong_pmd, f_wrong_pte)
 
 MODES = [
     dict(levels=5), dict(levels=4), dict(levels=5, pti=True), dict(levels=4, pti=True),

@@ -77,9 +77,11 @@ def kprobes_left() -> str:
 @pytest.fixture(scope="module")
 def session():
     online = cpulist(open("/sys/devices/system/cpu/online").read())
-    possible = cpulist(open("/sys/devices/system/cpu/possible").read())
-    never = [c for c in possible if c not in online
-             and os.path.exists(f"/sys/devices/system/cpu/cpu{c}/online")]
+    # CPUs espfix never set up (other tests may already have brought some up once)
+    doc = json.loads(subprocess.run([sys.executable, "-m", "inspector", "validate", "--json"],
+                                    cwd=ROOT, env=ENV, capture_output=True, text=True).stdout)
+    never = [r["cpu"] for r in doc["cpus"] if not r["online"] and not r["initialised"]
+             and os.path.exists(f"/sys/devices/system/cpu/cpu{r['cpu']}/online")]
     proc = start_trace()
     actions: dict = {"online": online}
     try:
@@ -176,4 +178,14 @@ def test_sigterm_ends_cleanly_and_detaches():
             proc.kill()
             proc.wait()
     assert of(events, "end")[-1]["reason"] == "SIGTERM"
+    assert kprobes_left() == ""
+
+
+def test_duration_ends_cleanly_and_detaches():
+    proc = subprocess.run([sys.executable, "-m", "inspector", "trace", "--json", "--no-returns",
+                           "--no-holders", "--no-ldt", "2"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
+    assert events[0]["type"] == "start" and of(events, "end")[-1]["reason"] == "duration"
     assert kprobes_left() == ""

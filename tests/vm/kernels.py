@@ -6,7 +6,7 @@ changes the image cache key, so the next run builds a fresh image.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
