@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-ldt", action="store_true", help="do not trace modify_ldt")
     p.add_argument("--no-returns", action="store_true", help="do not count espfix returns")
     p.add_argument("--no-holders", action="store_true", help="do not list LDT holders at start")
+    p.add_argument("--return-sources", metavar="LIST",
+                   help="count returns only at these tracepoints (comma-separated event "
+                        "names, e.g. local_timer_exit,page_fault_user; default: all)")
     p.add_argument("--no-verify", action="store_true",
                    help="do not validate a CPU through /proc/kcore after its init event")
 
@@ -58,6 +61,18 @@ def _want(args: argparse.Namespace) -> set[str]:
         if getattr(args, f"no_{name}"):
             want.discard(name)
     return want
+
+
+def _sources(args: argparse.Namespace, tr) -> set[str] | None:
+    if not args.return_sources:
+        return None
+    names = {n.strip() for n in args.return_sources.split(",") if n.strip()}
+    known = {ev for _cat, ev, _irq, _what in tr.RETURN_SOURCES}
+    unknown = sorted(names - known)
+    if unknown:
+        raise InspectError(f"unknown return source {unknown[0]!r}",
+                           f"choose from {', '.join(sorted(known))}")
+    return names
 
 
 def verify_cpu(cpu: int) -> dict:
@@ -126,10 +141,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.duration is not None and args.duration <= 0:
         raise InspectError(f"duration {args.duration} must be positive", "give seconds, e.g. 10")
+    sources = _sources(args, tr)
     tr.preflight()
     BPF = tr.import_bcc()
     syms = tr.kernel_symbols()
-    plan = tr.make_plan(BPF, syms, want)
+    plan = tr.make_plan(BPF, syms, want, sources)
     if not (plan.init or plan.ldt or plan.returns or plan.holders):
         raise InspectError("nothing can be traced on this kernel: " + "; ".join(plan.missing),
                            "see README, trace: requirements")

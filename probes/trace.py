@@ -127,8 +127,10 @@ def preflight() -> None:
                            f"apt-get install linux-headers-{rel}")
 
 
-def make_plan(BPF, syms: SymbolTable | None, want: set[str]) -> Plan:
-    """Check every probe point with bcc's helpers and the symbols it needs."""
+def make_plan(BPF, syms: SymbolTable | None, want: set[str],
+              sources: set[str] | None = None) -> Plan:
+    """Check every probe point with bcc's helpers and the symbols it needs.
+    *sources* limits the return tracepoints to these event names (default: all)."""
     plan = Plan()
     fred = _fred_active()
 
@@ -159,6 +161,8 @@ def make_plan(BPF, syms: SymbolTable | None, want: set[str]) -> Plan:
             plan.missing.append("returns: FRED is in use; ERETU needs no espfix")
         else:
             for i, (cat, ev, _irq, _what) in enumerate(RETURN_SOURCES):
+                if sources is not None and ev not in sources:
+                    continue
                 if BPF.tracepoint_exists(cat, ev):
                     plan.returns.append(i)
                 else:

@@ -128,3 +128,14 @@ def test_trace_refused_here_in_one_line(capsys):
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert any(k in err for k in ("kernel headers", "BCC is not installed", "needs root",
                                   "lockdown"))
+
+
+def test_return_sources_limit_the_plan(syms, monkeypatch):
+    monkeypatch.setattr(tr, "_fred_active", lambda: False)
+    plan = tr.make_plan(FakeBPF(), syms, {"returns"}, {"local_timer_exit", "sys_exit"})
+    assert [tr.RETURN_SOURCES[i][1] for i in plan.returns] == ["local_timer_exit", "sys_exit"]
+
+
+def test_unknown_return_source_refused(capsys):
+    assert main(["trace", "--return-sources", "nmi_exit", "1"]) == 2
+    assert "unknown return source 'nmi_exit'" in capsys.readouterr().err

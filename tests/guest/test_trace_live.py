@@ -27,6 +27,11 @@ except ImportError:
     pytestmark.append(pytest.mark.skip(reason="BCC (python3-bpfcc) is not installed"))
 
 ENV = {**os.environ, "PYTHONPATH": ROOT}
+#: Under QEMU/TCG, switching the IPI-vector tracepoints on or off (text_poke_bp patches
+#: __sysvec_call_function_single while its own IPIs run) crashed the sid 7.2 PTI guest
+#: twice with "Oops: int3" in __sysvec_call_function_single.  The tests leave those
+#: vectors out; the timer, fault and syscall sources carry the checks.
+TCG_SAFE_SOURCES = "local_timer_exit,page_fault_user,sys_exit_rt_sigreturn,sys_exit"
 LDT_PROG = """
 import os, sys
 from inspector.ldt import data16_desc, modify_ldt_write
@@ -82,7 +87,7 @@ def session():
                                     cwd=ROOT, env=ENV, capture_output=True, text=True).stdout)
     never = [r["cpu"] for r in doc["cpus"] if not r["online"] and not r["initialised"]
              and os.path.exists(f"/sys/devices/system/cpu/cpu{r['cpu']}/online")]
-    proc = start_trace()
+    proc = start_trace("--return-sources", TCG_SAFE_SOURCES)
     actions: dict = {"online": online}
     try:
         # 1. a CPU that was online goes off and on again: init_espfix_ap returns early
