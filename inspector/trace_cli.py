@@ -128,20 +128,21 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .cli import Terminated
 
     want = _want(args)
+    sources = _sources(args, tr)
     if args.ebpf:
         try:
             syms = tr.kernel_symbols()
         except InspectError:
             syms = None
         plan = tr.Plan(init="init" in want, ldt="ldt" in want, holders="holders" in want,
-                       returns=list(range(len(tr.RETURN_SOURCES))) if "returns" in want else [],
+                       returns=[i for i, (_c, ev, _i, _w) in enumerate(tr.RETURN_SOURCES)
+                                if sources is None or ev in sources] if "returns" in want else [],
                        irq_regs=syms is not None and "__irq_regs" in syms)
         text, flags = tr.program_text(plan, syms, args.pid)
         print(tr.ebpf_listing(text, flags))
         return EXIT_OK
     if args.duration is not None and args.duration <= 0:
         raise InspectError(f"duration {args.duration} must be positive", "give seconds, e.g. 10")
-    sources = _sources(args, tr)
     tr.preflight()
     BPF = tr.import_bcc()
     syms = tr.kernel_symbols()
@@ -156,7 +157,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         out.flush()
 
     # Ctrl-C and SIGTERM end the trace between two polls, so that no event already
-    # read from the perf buffers is dropped; SIGINT is set explicitly because a shell
+    # read from the ring buffers is dropped; SIGINT is set explicitly because a shell
     # leaves it ignored for background jobs.
     stop: list[str] = []
     signal.signal(signal.SIGINT, lambda *_: stop.append("Ctrl-C"))
