@@ -190,7 +190,7 @@ def program_text(plan: Plan, syms: SymbolTable | None, pid: int | None) -> tuple
         cat, ev, irq, _what = RETURN_SOURCES[i]
         check = 1 if irq and plan.irq_regs else 0
         probes.append(f"int ret_{i}(void *ctx) {{ return count_return({i}, {check}); }}")
-    text = text.replace("RETURN_PROBES", "\n".join(probes))
+    text = text.replace("@RETURN_PROBES@", "\n".join(probes))
     flags = []
     for name, on in (("WANT_INIT", plan.init), ("WANT_LDT", plan.ldt),
                      ("WANT_RETURNS", bool(plan.returns)), ("WANT_HOLDERS", plan.holders)):
