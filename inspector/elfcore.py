@@ -263,7 +263,7 @@ def _open_core(path: str) -> BinaryIO:
             if os.geteuid() != 0:
                 raise InspectError(f"permission denied opening {path}: not root",
                                    "run espfix-inspect as root (sudo)") from None
-            mode, how = _lockdown_state()
+            mode, how = lockdown_state()
             if mode == "confidentiality":
                 raise InspectError(f"permission denied opening {path} as root: kernel "
                                    f"lockdown=confidentiality ({how}) refuses it",
@@ -284,7 +284,7 @@ def _open_core(path: str) -> BinaryIO:
         raise InspectError(f"cannot open {path}: {e.strerror}", _read_fix(e)) from None
 
 
-def _lockdown_state() -> tuple[str | None, str]:
+def lockdown_state() -> tuple[str | None, str]:
     """(lockdown mode or None, where it was read), from securityfs, else the kernel
     command line (security/lockdown/lockdown.c: "none integrity [confidentiality]")."""
     try:

@@ -79,6 +79,12 @@ class Target:
         """``__pa_symbol()``: physical address of a kernel-image address."""
         return (vaddr - START_KERNEL_MAP + self.phys_base) & MASK64
 
+    def fresh_memory(self) -> None:
+        """Start a new page cache on the open core, so that nothing read before is
+        served again (a live kernel's tables and ministacks change); the symbols,
+        the costly part of opening a live target, are kept."""
+        self.mem = CoreMemory(self.core)
+
     def close(self) -> None:
         self.core.close()
 

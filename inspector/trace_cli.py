@@ -75,28 +75,38 @@ def _sources(args: argparse.Namespace, tr) -> set[str] | None:
     return names
 
 
-def verify_cpu(cpu: int) -> dict:
-    """Re-run validate on the live kernel and keep what concerns *cpu*."""
-    from .audit import audit
-    from .state import load_state
-    from .target import open_target
-    try:
-        target = open_target(KCORE_PATH, None)
-    except InspectError as e:
-        return {"verdict": "not checked", "why": e.cause}
-    try:
-        state = load_state(target)
-        result = audit(state)
-    except InspectError as e:
-        return {"verdict": "not checked", "why": e.cause}
-    finally:
-        target.close()
-    mine = [f for f in result.findings if f.severity != "info" and
-            (f.cpu == cpu or f.cpu is None or (f.affects is not None and cpu in f.affects))]
-    st = state.cpus.get(cpu)
-    return {"verdict": "ok" if not mine else "FINDINGS",
-            "online": bool(st and st.online), "initialised": bool(st and st.initialised),
-            "findings": [f.as_dict() for f in mine]}
+class LiveVerifier:
+    """`validate` of one CPU after its init event.  The live target (its kallsyms
+    parse is the costly part) stays open between events; every check gets a fresh
+    page cache (Target.fresh_memory), as `watch` does."""
+
+    def __init__(self) -> None:
+        self.target = None
+
+    def verify(self, cpu: int) -> dict:
+        from .audit import audit
+        from .state import load_state
+        from .target import open_target
+        try:
+            if self.target is None:
+                self.target = open_target(KCORE_PATH, None)
+            self.target.fresh_memory()
+            state = load_state(self.target)
+            result = audit(state)
+        except InspectError as e:
+            self.close()
+            return {"verdict": "not checked", "why": e.cause}
+        mine = [f for f in result.findings if f.severity != "info" and
+                (f.cpu == cpu or f.cpu is None or (f.affects is not None and cpu in f.affects))]
+        st = state.cpus.get(cpu)
+        return {"verdict": "ok" if not mine else "FINDINGS",
+                "online": bool(st and st.online), "initialised": bool(st and st.initialised),
+                "findings": [f.as_dict() for f in mine]}
+
+    def close(self) -> None:
+        if self.target is not None:
+            self.target.close()
+            self.target = None
 
 
 def _init_line(ev: dict) -> str:
@@ -163,6 +173,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.append("Ctrl-C"))
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
     session = tr.TraceSession(plan, syms, args.pid)
+    verifier = LiveVerifier()
     t0 = time.monotonic()
     reason = "duration"
 
@@ -172,7 +183,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             ts = ev.pop("ts_ns") / 1e9 - t0
             if ev["type"] == "init":
                 if not args.no_verify:
-                    ev["validate"] = verify_cpu(ev["target_cpu"])
+                    ev["validate"] = verifier.verify(ev["target_cpu"])
                 emit({**ev, "t": round(ts, 3)}, f"{ts:9.3f}  INIT   {_init_line(ev)}")
             else:
                 emit({**ev, "t": round(ts, 3)}, f"{ts:9.3f}  LDT    {_ldt_line(ev)}")
@@ -215,6 +226,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         rows, looked, counted = session.returns()
     finally:
         session.close()                      # probes detached on every path
+        verifier.close()
     elapsed = time.monotonic() - t0
     if plan.returns:
         if args.json:

@@ -49,7 +49,6 @@ from typing import Callable, Protocol
 from . import __version__
 from .audit import AuditResult, Finding, audit
 from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
-from .memory import CoreMemory
 from .model import ESPFIX_STACKS_PER_PAGE, format_cpu_list, parse_cpu_list
 from .state import EspfixState, load_state
 from .target import KCORE_PATH, Target, open_target
@@ -424,8 +423,7 @@ class Watcher:
         if self.target is None:
             self.target = open_target(cfg.core, cfg.symbols)
             self._target_id = _core_identity(cfg.core)
-        # a fresh page cache per round: nothing read in an earlier round is reused
-        self.target.mem = CoreMemory(self.target.core)
+        self.target.fresh_memory()          # nothing read in an earlier round is reused
         return self.target
 
     def _setup_hotplug(self, live: bool) -> None:

@@ -13,7 +13,9 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inspector.elfcore import lockdown_state
 from inspector.errors import InspectError
+from inspector.hostfacts import read_host_facts
 from inspector.symbols import SymbolTable, load_symbols
 
 BPF_SOURCE = Path(__file__).resolve().with_name("espfix.bpf.c")
@@ -91,25 +93,13 @@ def _headers_present() -> bool:
 
 
 def _fred_active() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "fred" in line.split()
-    except OSError:
-        pass
-    return False
+    """FRED in use (the ``fred`` cpuinfo flag, read by inspector.hostfacts)."""
+    return bool(read_host_facts().fred)
 
 
 def _lockdown() -> str | None:
-    try:
-        with open("/sys/kernel/security/lockdown") as f:
-            for w in f.read().split():
-                if w.startswith("[") and w != "[none]":
-                    return w.strip("[]")
-    except OSError:
-        pass
-    return None
+    """The lockdown mode, as inspector.elfcore reads it (securityfs, else cmdline)."""
+    return lockdown_state()[0]
 
 
 def preflight() -> None:

@@ -31,3 +31,13 @@ def kcore_usable() -> tuple[bool, str]:
     if mode == "confidentiality":
         return False, "kernel lockdown=confidentiality refuses /proc/kcore (test_lockdown.py covers it)"
     return True, ""
+
+
+def cpulist(text: str) -> list[int]:
+    """A sysfs CPU list ("0-3,8") as sorted CPUs, parsed here rather than with the
+    tool's own parser, so the guest tests hold the tool to an independent reading."""
+    out: list[int] = []
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.guest.live import kcore_usable  # noqa: E402
+from tests.guest.live import cpulist, kcore_usable  # noqa: E402
 
 _USABLE, _WHY = kcore_usable()
 pytestmark = [pytest.mark.guest, pytest.mark.skipif(not _USABLE, reason=_WHY or "-")]
@@ -39,13 +39,8 @@ def tool_json(*args: str, check_rc: int = 0) -> dict:
     return json.loads(tool(*args, "--json", check_rc=check_rc).stdout)
 
 
-def cpulist(path: str) -> set[int]:
-    out: set[int] = set()
-    text = open(path).read().strip()
-    for part in filter(None, text.split(",")):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
+def sysfs_cpus(path: str) -> set[int]:
+    return set(cpulist(open(path).read()))
 
 
 class MiniKcore:
@@ -92,10 +87,10 @@ def test_validate_is_clean(validate):
 def test_cpu_sets_match_sysfs(validate):
     k = validate["kernel"]
     from inspector.model import parse_cpu_list
-    assert set(parse_cpu_list(k["cpus_online"])) == cpulist("/sys/devices/system/cpu/online")
-    assert set(parse_cpu_list(k["cpus_possible"])) == cpulist("/sys/devices/system/cpu/possible")
+    assert set(parse_cpu_list(k["cpus_online"])) == sysfs_cpus("/sys/devices/system/cpu/online")
+    assert set(parse_cpu_list(k["cpus_possible"])) == sysfs_cpus("/sys/devices/system/cpu/possible")
     initialised = set(parse_cpu_list(k["cpus_initialised"]))
-    online = cpulist("/sys/devices/system/cpu/online")
+    online = sysfs_cpus("/sys/devices/system/cpu/online")
     assert online <= initialised, "every online CPU has a ministack"
     for cpu in initialised - online:
         # CPUs that were online before keep their state; report it as such
@@ -121,7 +116,7 @@ def test_espfix_stack_matches_an_independent_reader(validate):
 
 def test_stacks_has_one_row_per_possible_cpu():
     doc = tool_json("stacks")
-    assert [r["cpu"] for r in doc["cpus"]] == sorted(cpulist("/sys/devices/system/cpu/possible"))
+    assert [r["cpu"] for r in doc["cpus"]] == sorted(sysfs_cpus("/sys/devices/system/cpu/possible"))
     for r in doc["cpus"]:
         if r["espfix_stack"]:
             assert int(r["phys"], 16) & 0xFFF == int(r["espfix_stack"], 16) & 0xFFF
@@ -137,7 +132,7 @@ def test_snapshot_validates_offline_the_same(tmp_path, validate):
 
 
 def _hotpluggable() -> list[int]:
-    return [c for c in sorted(cpulist("/sys/devices/system/cpu/online"))
+    return [c for c in sorted(sysfs_cpus("/sys/devices/system/cpu/online"))
             if os.path.exists(f"/sys/devices/system/cpu/cpu{c}/online") and c != 0]
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.guest.live import kcore_usable
+from tests.guest.live import cpulist, kcore_usable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _USABLE, _WHY = kcore_usable()
@@ -64,14 +64,6 @@ def stop(proc: subprocess.Popen, sig: int) -> tuple[list[dict], str]:
 def set_online(cpu: int, on: bool) -> None:
     with open(f"/sys/devices/system/cpu/cpu{cpu}/online", "w") as f:
         f.write("1" if on else "0")
-
-
-def cpulist(text: str) -> list[int]:
-    out: list[int] = []
-    for part in filter(None, text.strip().split(",")):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def kprobes_left() -> str:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.guest.live import kcore_usable
+from tests.guest.live import cpulist, kcore_usable
 from tests.jsonproc import JsonLinesProc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,14 +28,6 @@ pytestmark = [pytest.mark.guest, pytest.mark.skipif(not _USABLE, reason=_WHY or 
 SYS_CPU = "/sys/devices/system/cpu"
 TOOL = [sys.executable, "-m", "inspector"]
 ENV = {**os.environ, "PYTHONPATH": ROOT}
-
-
-def cpulist(text: str) -> list[int]:
-    out: list[int] = []
-    for part in filter(None, text.strip().split(",")):
-        lo, _, hi = part.partition("-")
-        out += range(int(lo), int(hi or lo) + 1)
-    return out
 
 
 def sysfs_online() -> list[int]:
