@@ -30,6 +30,15 @@ IMAGE_SIZE = "3G"
 GUEST_PACKAGES = (
     "python3", "python3-bpfcc", "python3-pyelftools", "python3-tabulate",
     "python3-pytest", "kmod", "initramfs-tools", "udev", "procps", "util-linux",
+    # the test-only fault module (tests/kmod) is built in the guest; gcc comes with
+    # the linux-headers package's dependencies
+    "make", "libc6-dev",
+    # peers and formats: drgn reads the same state; crash dumps through libkdumpfile,
+    # written by makedumpfile (kdump-tools loads the capture kernel)
+    "python3-drgn", "python3-libkdumpfile", "makedumpfile", "kexec-tools", "kdump-tools",
+    "python3-jsonschema",
+    # the deployed path: systemd as PID 1, node_exporter's textfile collector, Prometheus
+    "systemd", "systemd-sysv", "prometheus-node-exporter", "prometheus",
 )
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4", "9pnet_virtio", "9p")
 STUB_PATH = "/sbin/espfix-vm-init"   # init= on the kernel command line
