@@ -7,20 +7,26 @@ in most consumers).  The JSON shapes are documented in README.md.
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from tabulate import tabulate
-
-from .audit import AuditResult, Finding
-from .exercise import RoundTrip
 from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
                     Randomness, format_cpu_list, page_and_slot)
-from .state import EspfixState
+
+if TYPE_CHECKING:         # types only: a --json run imports neither the audit nor ctypes
+    from .audit import AuditResult, Finding
+    from .exercise import RoundTrip
+    from .state import EspfixState
 
 __all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
            "stacks_text", "stacks_json", "exercise_text", "exercise_json", "dumps"]
 
 CPU_TABLE_LIMIT = 64
+
+
+def tabulate(*args, **kwargs) -> str:
+    """``tabulate.tabulate``, imported when a table is first drawn (not for ``--json``)."""
+    from tabulate import tabulate as draw
+    return draw(*args, **kwargs)
 
 
 def dumps(doc: dict) -> str:
