@@ -170,18 +170,18 @@ def _randomness(args: argparse.Namespace) -> Randomness:
 
 
 def cmd_layout(args: argparse.Namespace) -> int:
-    from .report import dumps, layout_json, layout_text
+    from .report import layout_text, write_layout_json
     cpus = args.cpu_list if args.cpu_list is not None else list(range(args.cpus or 4))
     if not cpus:
         raise InspectError("the CPU list is empty", "give --cpus N or a non-empty --cpu-list")
     rnd = _randomness(args)
+    if args.json:
+        write_layout_json(sys.stdout, cpus, rnd, args.levels)
+        return EXIT_OK
     layouts = [cpu_layout(c, rnd, args.levels) for c in cpus]
     groups = group_layouts(cpus, rnd)
     cost = memory_cost(cpus)
-    if args.json:
-        print(dumps(layout_json(layouts, groups, cost, rnd, args.levels)))
-    else:
-        print(layout_text(layouts, groups, cost, rnd, args.levels, not args.summary))
+    print(layout_text(layouts, groups, cost, rnd, args.levels, not args.summary))
     return EXIT_OK
 
 
@@ -198,19 +198,19 @@ def _open(args: argparse.Namespace):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .audit import audit
-    from .report import dumps, validate_json, validate_text
+    from .report import validate_text, write_validate_json
     target, state = _open(args)
     with target.core:
         result = audit(state)
         if args.json:
-            print(dumps(validate_json(state, result)))
+            write_validate_json(sys.stdout, state, result)
         else:
             print(validate_text(state, result, args.verbose))
     return EXIT_OK if result.ok else EXIT_FINDINGS
 
 
 def cmd_stacks(args: argparse.Namespace) -> int:
-    from .report import dumps, stacks_json, stacks_text
+    from .report import stacks_text, write_stacks_json
     target, state = _open(args)
     with target.core:
         cpus = list(state.cpus) if args.cpu is None else args.cpu
@@ -219,7 +219,10 @@ def cmd_stacks(args: argparse.Namespace) -> int:
             raise InspectError(f"CPU {missing[0]} is not possible on this kernel "
                                f"(possible: {len(state.cpus)} CPUs)", "pick CPUs from --cpu 0-"
                                f"{max(state.cpus)}")
-        print(dumps(stacks_json(state, cpus)) if args.json else stacks_text(state, cpus))
+        if args.json:
+            write_stacks_json(sys.stdout, state, cpus)
+        else:
+            print(stacks_text(state, cpus))
     return EXIT_OK
 
 

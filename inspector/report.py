@@ -7,10 +7,13 @@ in most consumers).  The JSON shapes are documented in README.md.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Iterable
+from typing import IO, TYPE_CHECKING, Iterable
 
+from . import jsonfmt
+from .jsonfmt import Columns
 from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
-                    Randomness, format_cpu_list, page_and_slot)
+                    Randomness, format_cpu_list, group_layouts, layout_columns, memory_cost,
+                    page_and_slot)
 
 if TYPE_CHECKING:         # types only: a --json run imports neither the audit nor ctypes
     from .audit import AuditResult, Finding
@@ -18,7 +21,8 @@ if TYPE_CHECKING:         # types only: a --json run imports neither the audit n
     from .state import EspfixState
 
 __all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
-           "stacks_text", "stacks_json", "exercise_text", "exercise_json", "dumps"]
+           "stacks_text", "stacks_json", "exercise_text", "exercise_json", "dumps",
+           "write_layout_json", "write_validate_json", "write_stacks_json"]
 
 CPU_TABLE_LIMIT = 64
 
@@ -77,24 +81,45 @@ def layout_json(cpus: list[CpuLayout], groups: list[GroupLayout], cost: MemoryCo
             "memory": cost.as_dict()}
 
 
+def write_layout_json(fp: IO[str], cpus: list[int], rnd: Randomness, levels: int) -> None:
+    """``print(dumps(layout_json(...)), file=fp)`` for *cpus*, from the per-field lists of
+    :func:`~inspector.model.layout_columns` instead of one CpuLayout per CPU."""
+    cols = layout_columns(cpus, rnd, levels)
+    cols["espfix_stack"] = [f"{a:#x}" for a in cols["espfix_stack"]]
+    jsonfmt.write(fp, {"page_random": rnd.page_random, "slot_random": rnd.slot_random,
+                       "levels": levels, "cpus": Columns(tuple(cols), list(cols.values())),
+                       "groups": [g.as_dict() for g in group_layouts(cpus, rnd)],
+                       "memory": memory_cost(cpus).as_dict()})
+
+
 # -- validate ---------------------------------------------------------------
 
-def _cpu_rows(state: EspfixState, result: AuditResult) -> list[dict]:
-    rows = []
+CPU_KEYS = ("cpu", "online", "initialised", "espfix_stack", "espfix_waddr", "phys", "node",
+            "stack_node", "ok")
+
+
+def _cpu_columns(state: EspfixState, result: AuditResult) -> Columns:
+    """The ``cpus`` rows of ``validate --json``, built column by column."""
+    cpus = list(state.cpus)
+    sts = list(state.cpus.values())
     host = state.host
-    for cpu, st in state.cpus.items():
-        row: dict = {"cpu": cpu, "online": st.online, "initialised": st.initialised,
-                     "espfix_stack": _h(st.espfix_stack) if st.initialised else None,
-                     "espfix_waddr": _h(st.espfix_waddr) if st.initialised else None,
-                     "phys": None, "node": host.cpu_node.get(cpu), "stack_node": None,
-                     "ok": cpu not in result.per_cpu_bad}
-        if st.initialised:
-            pa = state.direct_map_pa(st.espfix_waddr)
-            if pa is not None:
-                row["phys"] = _h(pa)
-                row["stack_node"] = host.node_of_phys(pa)
-        rows.append(row)
-    return rows
+    init = [st.espfix_stack != 0 for st in sts]
+    pas = [state.direct_map_pa(st.espfix_waddr) if st.espfix_stack else None for st in sts]
+    node_of = host.node_of_phys
+    bad = result.per_cpu_bad
+    return Columns(CPU_KEYS, [
+        cpus, [st.online for st in sts], init,
+        [f"{st.espfix_stack:#x}" if st.espfix_stack else None for st in sts],
+        [f"{st.espfix_waddr:#x}" if st.espfix_stack else None for st in sts],
+        [f"{pa:#x}" if pa is not None else None for pa in pas],
+        list(map(host.cpu_node.get, cpus)) if host.cpu_node else [None] * len(cpus),
+        [node_of(pa) if pa is not None else None for pa in pas] if host.block_size
+        else [None] * len(cpus),
+        [cpu not in bad for cpu in cpus]])
+
+
+def _cpu_rows(state: EspfixState, result: AuditResult) -> list[dict]:
+    return _cpu_columns(state, result).rows()
 
 
 def _summary(result: AuditResult) -> dict[str, int]:
@@ -105,6 +130,16 @@ def _summary(result: AuditResult) -> dict[str, int]:
 
 
 def validate_json(state: EspfixState, result: AuditResult) -> dict:
+    return _validate_doc(state, result, _cpu_rows(state, result))
+
+
+def write_validate_json(fp: IO[str], state: EspfixState, result: AuditResult) -> None:
+    """``print(dumps(validate_json(state, result)), file=fp)``, written row block by
+    row block (131,072 CPUs: README, Performance)."""
+    jsonfmt.write(fp, _validate_doc(state, result, _cpu_columns(state, result)))
+
+
+def _validate_doc(state: EspfixState, result: AuditResult, cpus: list | Columns) -> dict:
     kernel = state.info.as_dict()
     kernel["randomness_source"] = result.rnd_source
     if result.rnd is not None:
@@ -112,10 +147,11 @@ def validate_json(state: EspfixState, result: AuditResult) -> dict:
         kernel["slot_random_effective"] = result.rnd.slot_random
     kernel["cpus_possible"] = format_cpu_list(state.possible)
     kernel["cpus_online"] = format_cpu_list(state.online)
-    kernel["cpus_initialised"] = format_cpu_list(c for c, s in state.cpus.items() if s.initialised)
+    kernel["cpus_initialised"] = format_cpu_list(c for c, s in state.cpus.items()
+                                                 if s.espfix_stack)
     return {"ok": result.ok, "summary": _summary(result), "kernel": kernel,
             "findings": [f.as_dict() for f in result.findings],
-            "cpus": _cpu_rows(state, result)}
+            "cpus": cpus}
 
 
 def _kernel_lines(state: EspfixState) -> list[str]:
@@ -172,30 +208,47 @@ def _ordered(findings: Iterable[Finding]) -> list[Finding]:
 
 # -- stacks -----------------------------------------------------------------
 
+STACK_KEYS = ("cpu", "online", "espfix_stack", "espfix_waddr", "phys", "page", "slot", "frame")
+
+
+def _stack_columns(state: EspfixState, cpus: Iterable[int]) -> Columns:
+    """The ``cpus`` rows of ``stacks --json``, built column by column."""
+    cpus = list(cpus)
+    frames = [None if f is None else {k: f"{v:#x}" for k, v in f.items()}
+              for f in state.frames(cpus)]          # walks every stack page in use
+    sts = [state.cpus[c] for c in cpus]
+    stacks = [st.espfix_stack for st in sts]
+    phys: list[str | None] = []
+    for stack in stacks:
+        if stack:
+            pa = state.walk(stack).phys
+            phys.append(_h(None if pa is None else pa | (stack & 0xFFF)))
+        else:
+            phys.append(None)
+    where = [page_and_slot(s) if s else (None, None) for s in stacks]
+    return Columns(STACK_KEYS, [
+        cpus, [st.online for st in sts], [f"{s:#x}" if s else None for s in stacks],
+        [f"{st.espfix_waddr:#x}" if st.espfix_stack else None for st in sts], phys,
+        [p for p, _ in where], [sl for _, sl in where], frames])
+
+
 def _stack_rows(state: EspfixState, cpus: Iterable[int]) -> list[dict]:
-    rows = []
-    for cpu in cpus:
-        st = state.cpus[cpu]
-        row: dict = {"cpu": cpu, "online": st.online, "espfix_stack": None,
-                     "espfix_waddr": None, "phys": None, "page": None, "slot": None,
-                     "frame": None}
-        if st.initialised:
-            page, slot = page_and_slot(st.espfix_stack)
-            w = state.walk(st.espfix_stack)
-            row.update(espfix_stack=_h(st.espfix_stack), espfix_waddr=_h(st.espfix_waddr),
-                       phys=_h(None if w.phys is None else w.phys | (st.espfix_stack & 0xFFF)),
-                       page=page, slot=slot)
-            frame = state.frame(cpu)
-            if frame is not None:
-                row["frame"] = {k: _h(v) for k, v in frame.items()}
-        rows.append(row)
-    return rows
+    return _stack_columns(state, cpus).rows()
 
 
 def stacks_json(state: EspfixState, cpus: Iterable[int]) -> dict:
+    return _stacks_doc(state, _stack_rows(state, cpus))
+
+
+def write_stacks_json(fp: IO[str], state: EspfixState, cpus: Iterable[int]) -> None:
+    """``print(dumps(stacks_json(state, cpus)), file=fp)``, row block by row block."""
+    jsonfmt.write(fp, _stacks_doc(state, _stack_columns(state, cpus)))
+
+
+def _stacks_doc(state: EspfixState, cpus: list | Columns) -> dict:
     return {"kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
                        "pti": state.info.pti},
-            "cpus": _stack_rows(state, cpus)}
+            "cpus": cpus}
 
 
 def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from .errors import InspectError
 from .hostfacts import HostFacts, read_host_facts
@@ -176,6 +177,26 @@ class EspfixState:
         if not any(words):
             return None
         return dict(zip(FRAME_WORDS, words))
+
+    def frames(self, cpus: Iterable[int]) -> list[dict[str, int] | None]:
+        """``[frame(cpu) for cpu in cpus]``, each stack page walked and fetched once
+        for its 64 CPUs."""
+        out: list[dict[str, int] | None] = []
+        pages: dict[int, bytes | None] = {}
+        frame = struct.Struct("<6Q").unpack_from
+        for cpu in cpus:
+            stack = self.cpus[cpu].espfix_stack
+            base = stack & ~0xFFF
+            if not stack:
+                out.append(None)
+                continue
+            if base not in pages:
+                w = self.walk(base)
+                pages[base] = None if w.phys is None else self.reader.mem.phys_page(w.phys)
+            page = pages[base]
+            words = frame(page, stack & 0xFFF) if page is not None else (0,)
+            out.append(dict(zip(FRAME_WORDS, words)) if any(words) else None)
+        return out
 
 
 def _levels(target: Target, reader: KernelReader) -> int:

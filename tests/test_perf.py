@@ -116,3 +116,107 @@ def test_live_scan_serves_every_lookup_and_changes_no_output(monkeypatch, write_
                 assert tables == []
     for key in [k for k in outputs if k[0] and k[1] in ("validate", "stacks")]:
         assert outputs[key] == outputs[(False, *key[1:])], key
+
+
+# -- JSON: the same text, written column by column -------------------------------------
+
+def test_jsonfmt_writes_what_json_dumps_writes():
+    import json
+
+    from inspector.jsonfmt import Columns, dumps
+    n = 9000
+    cols = {"cpu": list(range(n)), "ok": [i % 3 > 0 for i in range(n)],
+            "hex": [hex(i) if i % 4 else None for i in range(n)],
+            "node": [i % 2 if i % 5 else None for i in range(n)],
+            "frame": [{"rax": hex(i), "ss": "0x7"} if i % 7 == 0 else None for i in range(n)],
+            "odd%s\u00e9": ["caf\u00e9 \"%d\"\n" for i in range(n)],
+            "mixed": [[1.5, float("nan"), {}] if i % 2 else {"k": []} for i in range(n)]}
+    table = Columns(tuple(cols), list(cols.values()))
+    doc = {"ok": True, 1: None, 2.5: -float("inf"), None: (1, 2), "empty": Columns((), []),
+           "cpus": table, "nested": [Columns(("a",), [[{}, None]]), {}, []]}
+    plain = {"ok": True, 1: None, 2.5: -float("inf"), None: (1, 2), "empty": [],
+             "cpus": table.rows(), "nested": [[{"a": {}}, {"a": None}], {}, []]}
+    assert dumps(doc) == json.dumps(plain, indent=2)
+
+
+HOSTS = {"none": lambda k: None, "numa": lambda k: k.host_facts()}
+SPECS = {"l5-frames": dict(frames={0: (1, 2, 0x33, 0x246, 0x1234FFE0, 7), 3: (3, 4, 0x23, 2, 8, 0xF)}),
+         "l4-pti-partial": dict(levels=4, pti=True, nr_cpus=200, online=list(range(0, 200, 3)),
+                                brought_up=list(range(0, 200, 2)), nodes=2),
+         "relative-2groups": dict(percpu="relative", nr_cpus=1100, nodes=3)}
+
+
+@pytest.mark.parametrize("fault", ["clean", "bad-stack", "walk", "null-pages", "statics"])
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("host", list(HOSTS))
+def test_report_writers_print_what_dumps_prints(inspect, spec, fault, host):
+    import io
+
+    from inspector import report
+    from tests.faults import BY_NAME
+    k = kernel(**SPECS[spec])
+    if fault != "clean":
+        BY_NAME[fault](k)
+    state, result = inspect(k, host=HOSTS[host](k))
+    out = io.StringIO()
+    report.write_validate_json(out, state, result)
+    assert out.getvalue() == report.dumps(report.validate_json(state, result)) + "\n"
+    for cpus in (list(state.cpus), list(state.cpus)[::-7]):
+        assert _text_or_error(lambda out: report.write_stacks_json(out, state, cpus)) == \
+            _text_or_error(lambda out: out.write(report.dumps(report.stacks_json(state, cpus))
+                                                 + "\n"))
+
+
+def _text_or_error(write) -> str:
+    """What *write* writes to a StringIO, or the error it raises (the "walk" fault
+    points a PTE at a page the core lacks: stacks stops there, one way or the other)."""
+    import io
+    out = io.StringIO()
+    try:
+        write(out)
+    except InspectError as e:
+        return f"error: {e.line()}"
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("cpus", [[0], list(range(4)), list(range(5000)), [3, 64, 1023, 1024, 131071]])
+@pytest.mark.parametrize("levels", [4, 5])
+def test_layout_writer_prints_what_dumps_prints(cpus, levels):
+    import io
+
+    from inspector import model, report
+    rnd = model.Randomness.from_rand(0x5EED1234ABCD)
+    out = io.StringIO()
+    report.write_layout_json(out, cpus, rnd, levels)
+    plain = report.layout_json([model.cpu_layout(c, rnd, levels) for c in cpus],
+                               model.group_layouts(cpus, rnd), model.memory_cost(cpus), rnd,
+                               levels)
+    assert out.getvalue() == report.dumps(plain) + "\n"
+
+
+@pytest.mark.parametrize("rnd", [(0, 0), (2047, 63), (687, 13)])
+def test_vectorised_layout_is_the_formula(rnd):
+    from inspector import model
+    r = model.Randomness(*rnd)
+    cpus = list(range(model.ESPFIX_MAX_CPUS))
+    assert model.espfix_base_addrs(cpus, *rnd) == [model.espfix_base_addr(c, *rnd) for c in cpus]
+    for levels in (4, 5):
+        cols = model.layout_columns(cpus, r, levels)
+        for cpu in cpus[::997] + [cpus[-1]]:
+            want = model.cpu_layout(cpu, r, levels).as_dict()
+            got = {k: v[cpu] for k, v in cols.items()}
+            assert {**got, "espfix_stack": hex(got["espfix_stack"])} == want
+    with pytest.raises(ValueError):
+        model.layout_columns([model.ESPFIX_MAX_CPUS], r)
+
+
+def test_frames_read_each_stack_page_once(inspect):
+    k = kernel(nr_cpus=300, frames={c: (c + 1, 2, 0x33, 0x246, 0xFFF0, 7) for c in (0, 63, 64, 299)})
+    state, _ = inspect(k)
+    fetches = dict(state.reader.mem.stats.page_fetches)
+    frames = state.frames(list(state.cpus))
+    assert frames == [state.frame(c) for c in state.cpus]
+    assert [c for c, f in zip(state.cpus, frames) if f] == [0, 63, 64, 299]
+    new = state.reader.mem.stats.page_fetches
+    assert sum(new.values()) - sum(fetches.values()) == 5          # 300 CPUs: 5 stack pages
+    assert state.reader.mem.stats.max_fetches_per_page() == 1
