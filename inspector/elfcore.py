@@ -27,7 +27,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 from .errors import InspectError
 
@@ -245,6 +245,39 @@ class ElfCore:
             return None
         data = self._read_in(seg, addr - seg.vaddr, size)
         return data if len(data) == size else None
+
+    def read_vaddrs(self, addrs: Sequence[int], size: int) -> list[bytes | None]:
+        """``[read_vaddr(a, size) for a in addrs]``, with the common case (the range
+        lies in the file part of the segment that starts last at or below it) done
+        inline: the per-CPU words of 131,072 CPUs are 131,072 reads."""
+        out: list[bytes | None] = []
+        starts, segs = self._vstarts, self._by_vaddr
+        fd = self._fh.fileno()
+        find = bisect.bisect_right
+        reads = nbytes = 0
+        try:
+            for addr in addrs:
+                i = find(starts, addr) - 1
+                seg = segs[i] if i >= 0 else None
+                if seg is not None and addr + size <= seg.vaddr + min(seg.filesz, seg.memsz):
+                    data = os.pread(fd, size, seg.offset + addr - seg.vaddr)
+                    reads += 1
+                    nbytes += len(data)
+                    if len(data) < size:
+                        raise InspectError(f"{self.path} is truncated: short read at offset "
+                                           f"{seg.offset + addr - seg.vaddr:#x}",
+                                           "copy or capture the whole core again")
+                    out.append(data)
+                else:
+                    out.append(self.read_vaddr(addr, size))
+        except OSError as e:
+            raise InspectError(f"reading {self.path} at offset "
+                               f"{seg.offset + addr - seg.vaddr:#x} failed: {e.strerror}",
+                               _read_fix(e)) from None
+        finally:
+            self.reads += reads
+            self.bytes_read += nbytes
+        return out
 
     def read_paddr(self, paddr: int, size: int) -> bytes | None:
         """Bytes at a physical address, or None when no segment covers them all."""

@@ -49,6 +49,16 @@ class KernelReader:
         data = self.mem.read_virt(addr, size)
         if data is not None:
             return data
+        return self._read_alias(addr, size)
+
+    def read_many(self, addrs: list[int], size: int) -> list[bytes]:
+        """``[read(a, size) for a in addrs]``: one batch for the core's own segments
+        (``MemorySource.read_virts``), the aliases only where a segment is missing."""
+        addrs = [a & MASK64 for a in addrs]
+        datas = self.mem.read_virts(addrs, size)
+        return [d if d is not None else self._read_alias(a, size) for a, d in zip(addrs, datas)]
+
+    def _read_alias(self, addr: int, size: int) -> bytes:
         if addr >= START_KERNEL_MAP:
             return self.mem.read_phys(self.target.pa_symbol(addr), size)
         pob = self.page_offset_base
@@ -282,15 +292,16 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
     cpus: dict[int, CpuState] = {}
     lo = min(stack_sym, waddr_sym)
     span = max(stack_sym, waddr_sym) + 8 - lo
-    for cpu in possible:
-        base = (lo + offsets[cpu]) & MASK64
-        if span <= 64:
-            raw = reader.read(base, span)
-            stack = struct.unpack_from("<Q", raw, stack_sym - lo)[0]
-            waddr = struct.unpack_from("<Q", raw, waddr_sym - lo)[0]
-        else:
-            stack = reader.u64(stack_sym + offsets[cpu])
-            waddr = reader.u64(waddr_sym + offsets[cpu])
+    if span <= 64:          # both words in one read per CPU, all CPUs in one batch
+        raws = reader.read_many([lo + offsets[cpu] for cpu in possible], span)
+        stack_at, waddr_at = stack_sym - lo, waddr_sym - lo
+        word = struct.Struct("<Q").unpack_from
+        for cpu, raw in zip(possible, raws):
+            cpus[cpu] = CpuState(cpu, cpu in online_set, word(raw, stack_at)[0],
+                                 word(raw, waddr_at)[0])
+    for cpu in possible if span > 64 else ():
+        stack = reader.u64(stack_sym + offsets[cpu])
+        waddr = reader.u64(waddr_sym + offsets[cpu])
         cpus[cpu] = CpuState(cpu, cpu in online_set, stack, waddr)
 
     npages = (nr_cpu_ids + ESPFIX_STACKS_PER_PAGE - 1) // ESPFIX_STACKS_PER_PAGE

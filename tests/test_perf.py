@@ -220,3 +220,40 @@ def test_frames_read_each_stack_page_once(inspect):
     new = state.reader.mem.stats.page_fetches
     assert sum(new.values()) - sum(fetches.values()) == 5          # 300 CPUs: 5 stack pages
     assert state.reader.mem.stats.max_fetches_per_page() == 1
+
+
+# -- per-CPU words: one batch of positioned reads --------------------------------------
+
+@pytest.mark.parametrize("path", ["samples/bookworm-6.1-l5.core", "samples/sid-7.x-l4-pti.core",
+                                  "synthetic"])
+def test_batched_virtual_reads_are_single_reads(path, write_kernel):
+    import os
+
+    from inspector.elfcore import ElfCore
+    if path == "synthetic":
+        path, _ = write_kernel(kernel(nr_cpus=100, percpu="relative"))
+    else:
+        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), path)
+    core = ElfCore(path)
+    addrs = []
+    for s in core.segments:                 # starts, ends, the file/memory boundary, gaps
+        for a in (s.vaddr, s.vaddr + 8, s.vaddr + s.filesz - 16, s.vaddr + s.filesz - 4,
+                  s.vaddr + s.memsz - 16, s.vaddr + s.memsz, s.vaddr - 16):
+            addrs.append(a & ((1 << 64) - 1))
+    before = core.reads
+    one_by_one = [core.read_vaddr(a, 16) for a in addrs]
+    singles = core.reads - before
+    assert core.read_vaddrs(addrs, 16) == one_by_one
+    assert core.reads - before == 2 * singles
+    core.close()
+
+
+def test_load_state_reads_each_cpu_once(inspect):
+    k = kernel(nr_cpus=3000, online=list(range(0, 3000, 2)))
+    state, result = inspect(k)
+    stats = state.reader.mem.stats
+    # the per-CPU pair of every possible CPU, and a handful of image words
+    assert len(state.cpus) <= stats.small_reads <= len(state.cpus) + 20
+    assert [c for c, st in state.cpus.items() if st.espfix_stack] == list(range(0, 3000, 2))
+    assert stats.max_fetches_per_page() == 1
+    assert result.ok
