@@ -13,8 +13,10 @@ online, remote-node ministacks).  Errors and warnings are findings (exit 1).
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Callable, Iterable
 
 from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
@@ -23,7 +25,8 @@ from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
                     group_pud_index, invert_espfix_stack, pte_slots, pud_slots)
 from .pagetable import (FLAGS_MASK, PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_NX,
                         PAGE_PRESENT, PAGE_RW, PAGE_USER, Walk, decode_flags)
-from .state import EspfixState
+from .state import DIRECT_MAP_SIZE, EspfixState
+from .symbols import MASK64
 
 __all__ = ["Finding", "AuditResult", "audit", "CHECKS", "SEVERITIES",
            "expected_table_flags", "expected_pte_flags"]
@@ -432,7 +435,17 @@ def check_walk(ctx: Context) -> Iterable[Finding]:
     PGD) reaches the physical page behind ``espfix_waddr``."""
     st = ctx.state
     roots = [False, True] if st.info.pti else [False]
-    walks: dict[tuple[int, bool], Walk] = {}         # per stack page: 64 CPUs share a walk
+    bases = [stack & ~0xFFF for stack in ctx.stacks]
+    # per stack page: its 64 CPUs share a walk (made in the order the loop below would)
+    walks = {(base, user): st.walk(base, user) for base in dict.fromkeys(bases) for user in roots}
+    if bases and all(w.phys is not None for w in walks.values()):
+        pob = st.info.page_offset_base
+        offsets = [(waddr - pob) & MASK64 for waddr in ctx.waddrs]    # direct_map_pa()
+        if max(offsets) < DIRECT_MAP_SIZE[st.info.levels]:
+            want = list(map(operator.rshift, offsets, repeat(12)))
+            if all(list(map({b: w.phys >> 12 for (b, u), w in walks.items()    # type: ignore
+                             if u == user}.__getitem__, bases)) == want for user in roots):
+                return              # every CPU reaches its espfix_waddr page: no finding
     for cpu, stack, waddr in zip(ctx.initialised, ctx.stacks, ctx.waddrs):
         want = st.direct_map_pa(waddr)
         for user in roots:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring_ascii as _str
-from typing import IO, Iterator, Sequence
+from itertools import chain, repeat
+from typing import IO, Iterable, Iterator, Sequence
 
 __all__ = ["Columns", "dumps", "write", "iterencode"]
 
@@ -34,25 +35,33 @@ CHUNK_ROWS = 4096
 class Columns:
     """A list of rows (dicts with the same *keys*, in that order), held by column.
 
+    Columns named in *hex* hold ints (or None) that the rows carry as ``"0x..."``
+    strings (``f"{v:#x}"``), the way the reports write addresses; they are formatted
+    once, straight into JSON text.
+
     >>> dumps({"cpus": Columns(("cpu", "ok"), [[0, 1], [True, False]])}) == \\
     ...     json.dumps({"cpus": [{"cpu": 0, "ok": True}, {"cpu": 1, "ok": False}]}, indent=2)
     True
     """
 
-    __slots__ = ("keys", "columns")
+    __slots__ = ("keys", "columns", "hex")
 
-    def __init__(self, keys: Sequence[str], columns: Sequence[Sequence]) -> None:
+    def __init__(self, keys: Sequence[str], columns: Sequence[Sequence],
+                 hex: Iterable[str] = ()) -> None:
         if len(keys) != len(columns) or len({len(c) for c in columns}) > 1:
             raise ValueError("one column per key, all of the same length")
         self.keys = tuple(keys)
         self.columns = [list(c) for c in columns]
+        self.hex = frozenset(hex)
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
 
     def rows(self) -> list[dict]:
         """The rows as dicts (what ``json.dumps`` would be given)."""
-        return [dict(zip(self.keys, values)) for values in zip(*self.columns)]
+        cols = [[None if v is None else f"{v:#x}" for v in c] if k in self.hex else c
+                for k, c in zip(self.keys, self.columns)]
+        return [dict(zip(self.keys, values)) for values in zip(*cols)]
 
 
 def _float(o: float) -> str:
@@ -130,9 +139,13 @@ _BOOL = {True: "true", False: "false"}
 _NONE = type(None)
 
 
-def _column_text(values: list, level: int) -> list[str]:
+def _column_text(values: list, level: int, hex: bool = False) -> list[str]:
     """Each value of one column as ``json`` writes it at nesting *level*."""
     kinds = set(map(type, values))
+    if hex and kinds <= {int, _NONE}:
+        if _NONE in kinds:
+            return ['"%#x"' % v if v is not None else "null" for v in values]
+        return list(map('"%#x"'.__mod__, values))
     if kinds <= {str}:
         return list(map(_str, values))
     if kinds <= {int}:
@@ -147,18 +160,33 @@ def _column_text(values: list, level: int) -> list[str]:
         present = [v for v in values if v is not None]
         keys = tuple(present[0]) if present else ()
         if keys and all(tuple(v) == keys for v in present):
-            texts = iter(_row_texts(keys, [[v[k] for v in present] for k in keys], level))
-            return [next(texts) if v is not None else "null" for v in values]
+            texts = _row_texts(keys, [[v[k] for v in present] for k in keys], level)
+            texts.reverse()
+            return [texts.pop() if v is not None else "null" for v in values]
+    if hex:
+        values = [None if v is None else f"{v:#x}" for v in values]
     return ["".join(iterencode(v, level)) for v in values]
+
+
+def _interleave(keys: Sequence, columns: list[list], level: int, hex: frozenset = frozenset(),
+                after: str = "") -> str:
+    """The rows (dicts at nesting *level*) of *columns*, each followed by *after*, as
+    one string: the key texts and the value texts are interleaved and joined once."""
+    key_indent = "\n" + INDENT * (level + 1)
+    heads = ["{" + key_indent + _key(keys[0]) + ": "] + \
+        ["," + key_indent + _key(k) + ": " for k in keys[1:]]
+    n = len(columns[0])
+    parts: list = []
+    for head, key, values in zip(heads, keys, columns):
+        parts += [repeat(head, n), _column_text(values, level + 1, key in hex)]
+    parts.append(repeat("\n" + INDENT * level + "}" + after, n))
+    return "".join(chain.from_iterable(zip(*parts)))
 
 
 def _row_texts(keys: tuple, columns: list[list], level: int) -> list[str]:
     """The text of each row (a dict at nesting *level* with *keys*) of *columns*."""
-    key_indent = "\n" + INDENT * (level + 1)
-    template = "{" + ",".join(key_indent + _key(k).replace("%", "%%") + ": %s"
-                              for k in keys) + "\n" + INDENT * level + "}"
-    cols = [_column_text(c, level + 1) for c in columns]
-    return list(map(template.__mod__, zip(*cols)))
+    end = "\0"                                  # json escapes NUL, so it cannot occur
+    return _interleave(keys, columns, level, after=end).split(end)[:-1]
 
 
 def _columns(table: Columns, level: int) -> Iterator[str]:
@@ -166,12 +194,12 @@ def _columns(table: Columns, level: int) -> Iterator[str]:
     if not n:
         yield "[]"
         return
-    row_indent = "\n" + INDENT * (level + 1)
-    sep = "," + row_indent
+    sep = ",\n" + INDENT * (level + 1)
+    yield "[\n" + INDENT * (level + 1)
     for start in range(0, n, CHUNK_ROWS):
-        rows = _row_texts(table.keys, [c[start:start + CHUNK_ROWS] for c in table.columns],
-                          level + 1)
-        yield ("[" if start == 0 else ",") + row_indent + sep.join(rows)
+        text = _interleave(table.keys, [c[start:start + CHUNK_ROWS] for c in table.columns],
+                           level + 1, table.hex, sep)
+        yield text if start + CHUNK_ROWS < n else text[:-len(sep)]
     yield "\n" + INDENT * level + "]"
 
 

@@ -103,19 +103,19 @@ def _cpu_columns(state: EspfixState, result: AuditResult) -> Columns:
     cpus = list(state.cpus)
     sts = list(state.cpus.values())
     host = state.host
-    init = [st.espfix_stack != 0 for st in sts]
-    pas = [state.direct_map_pa(st.espfix_waddr) if st.espfix_stack else None for st in sts]
+    stacks = [st.espfix_stack for st in sts]
+    waddrs = [st.espfix_waddr if st.espfix_stack else None for st in sts]
+    dm_pa = state.direct_map_pa
+    pas = [None if w is None else dm_pa(w) for w in waddrs]
     node_of = host.node_of_phys
     bad = result.per_cpu_bad
     return Columns(CPU_KEYS, [
-        cpus, [st.online for st in sts], init,
-        [f"{st.espfix_stack:#x}" if st.espfix_stack else None for st in sts],
-        [f"{st.espfix_waddr:#x}" if st.espfix_stack else None for st in sts],
-        [f"{pa:#x}" if pa is not None else None for pa in pas],
+        cpus, [st.online for st in sts], [s != 0 for s in stacks],
+        [s or None for s in stacks], waddrs, pas,
         list(map(host.cpu_node.get, cpus)) if host.cpu_node else [None] * len(cpus),
         [node_of(pa) if pa is not None else None for pa in pas] if host.block_size
         else [None] * len(cpus),
-        [cpu not in bad for cpu in cpus]])
+        [cpu not in bad for cpu in cpus]], hex=("espfix_stack", "espfix_waddr", "phys"))
 
 
 def _cpu_rows(state: EspfixState, result: AuditResult) -> list[dict]:
@@ -227,9 +227,10 @@ def _stack_columns(state: EspfixState, cpus: Iterable[int]) -> Columns:
             phys.append(None)
     where = [page_and_slot(s) if s else (None, None) for s in stacks]
     return Columns(STACK_KEYS, [
-        cpus, [st.online for st in sts], [f"{s:#x}" if s else None for s in stacks],
-        [f"{st.espfix_waddr:#x}" if st.espfix_stack else None for st in sts], phys,
-        [p for p, _ in where], [sl for _, sl in where], frames])
+        cpus, [st.online for st in sts], [s or None for s in stacks],
+        [st.espfix_waddr if st.espfix_stack else None for st in sts], phys,
+        [p for p, _ in where], [sl for _, sl in where], frames],
+        hex=("espfix_stack", "espfix_waddr"))
 
 
 def _stack_rows(state: EspfixState, cpus: Iterable[int]) -> list[dict]:

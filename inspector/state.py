@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .errors import InspectError
 from .hostfacts import HostFacts, read_host_facts
@@ -82,7 +82,20 @@ class KernelReader:
 
     def bitmap(self, addr: int, nbits: int) -> list[int]:
         words = self.u64s(addr, (nbits + 63) // 64)
-        return [i for i in range(nbits) if words[i >> 6] >> (i & 63) & 1]
+        return bits_set(words, nbits)
+
+
+def bits_set(words: Sequence[int], nbits: int) -> list[int]:
+    """The numbers of the bits set among the first *nbits* of a bitmap of 64-bit
+    words (a ``struct cpumask``), a full or empty word at a time when it can."""
+    out: list[int] = []
+    for i, word in enumerate(words):
+        base = i * 64
+        if word == MASK64 and base + 64 <= nbits:
+            out.extend(range(base, base + 64))
+        elif word:
+            out.extend(n for n in range(base, min(base + 64, nbits)) if word >> (n - base) & 1)
+    return out
 
 
 @dataclass
