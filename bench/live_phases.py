@@ -31,10 +31,11 @@ def main() -> int:
         last[0] = now
 
     from inspector import cli
-    from inspector.audit import audit
-    from inspector.report import dumps, stacks_json, validate_json
-    from inspector.state import load_state
     from inspector import target as tg
+    from inspector.state import load_state
+    if cmd == "validate":
+        from inspector.audit import audit
+    from inspector import report
     mark("imports")
     args = cli.build_parser().parse_args([cmd, "--json"])
     mark("argparse")
@@ -52,13 +53,18 @@ def main() -> int:
     mark("match symbols to core")
     state = load_state(target)
     mark("state read (incl. sysfs)")
+    out = io.StringIO()
     if cmd == "validate":
         result = audit(state)
         mark("audit")
-        text = dumps(validate_json(state, result))
+        if hasattr(report, "write_validate_json"):      # issue 13: what the CLI calls
+            report.write_validate_json(out, state, result)
+        else:
+            out.write(report.dumps(report.validate_json(state, result)))
+    elif hasattr(report, "write_stacks_json"):
+        report.write_stacks_json(out, state, list(state.cpus))
     else:
-        text = dumps(stacks_json(state, list(state.cpus)))
-    io.StringIO().write(text)
+        out.write(report.dumps(report.stacks_json(state, list(state.cpus))))
     mark("render JSON")
     target.close()
     total = time.perf_counter() - T0
@@ -67,15 +73,18 @@ def main() -> int:
                       "phases_ms": {n: round(s * 1000, 1) for n, s in marks},
                       "total_ms": round(total * 1000, 1),
                       "pages_read": mem.stats.pages_read, "core_reads": core.reads,
-                      "symbols_resolved": len(syms.addresses)}))
+                      "symbols_resolved": len(syms.addresses),
+                      "modules": sorted(m for m in sys.modules
+                                        if m.split(".")[0] in ("elftools", "tabulate", "ctypes",
+                                                               "bcc"))}))
     return 0
 
 
 def _load_kallsyms(tg, core):
     """The symbol step of open_target() for a live kernel."""
-    loader = getattr(tg, "live_kallsyms", None)
-    if loader is not None:                      # the targeted scan (issue 13)
-        return loader(core)
+    names = getattr(tg, "live_symbol_names", None)
+    if names is not None:                       # the targeted scan (issue 13)
+        return tg.load_symbols(tg.KALLSYMS_PATH, names(core.vmcoreinfo))
     return tg.load_symbols(tg.KALLSYMS_PATH)
 
 
