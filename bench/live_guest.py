@@ -15,6 +15,8 @@ CPU time and peak RSS from ``wait4``'s rusage:
 - ``stacks``: ``python3 -m inspector stacks --json``;
 - ``watch``: ``python3 -m inspector watch --json 1 1`` (start, the first round, stop).
 
+Then one ``watch --json 1 4`` reports what each round costs (``--watch-rounds``).
+
 One untimed warm-up repetition comes first (the first start after boot reads the
 interpreter and modules from the virtual disk).  Nothing of the tool is cached between
 runs: every run opens /proc/kcore and reads /proc/kallsyms again.  Before timing, the
@@ -104,6 +106,18 @@ def same_reads(drgn_out: str, stacks_out: str) -> str | None:
     return None
 
 
+def watch_rounds(count: int) -> dict:
+    """One ``watch --json 1 COUNT``: the cost each round reports (the first, "start",
+    opens the target; the others reuse it, as a long-running watch does)."""
+    run = run_once([PY, "-m", "inspector", "watch", "--json", "1", str(count)])
+    events = [json.loads(line) for line in run["stdout"].splitlines() if line.startswith("{")]
+    rounds = [{"trigger": e["trigger"], **e["cost"]} for e in events if e["event"] == "round"]
+    later = [r["cpu_seconds"] for r in rounds if r["trigger"] != "start"]
+    return {"rounds": rounds, "exit": run["rc"],
+            "median_cpu_seconds_after_start": round(median(later), 4) if later else None,
+            "share_of_one_cpu_at_10s": round(median(later) / 10, 5) if later else None}
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -150,6 +164,9 @@ def main() -> int:
     ap.add_argument("--drgn-kallsyms", choices=("memory", "proc"), default="memory")
     ap.add_argument("--only", help="comma-separated subset of the commands")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--watch-rounds", type=int, default=4, metavar="N",
+                    help="also run `watch --json 1 N` once and report each round's cost "
+                         "(0: skip)")
     args = ap.parse_args()
     subprocess.run([PY, "-m", "compileall", "-q", os.path.join(ROOT, "inspector"),
                     os.path.join(ROOT, "bench")], check=True,
@@ -201,6 +218,8 @@ def main() -> int:
     if "drgn" in med:
         doc["ratio_to_drgn"] = {k: round(v["wall"] / med["drgn"]["wall"], 3)
                                 for k, v in med.items() if k != "drgn"}
+    if args.watch_rounds:
+        doc["watch_rounds"] = watch_rounds(args.watch_rounds)
     if args.profile:
         profile(doc)
     print(json.dumps(doc, indent=1))

@@ -7,6 +7,8 @@ full symbol table, the struct reader of core headers to pyelftools.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from inspector import symbols, target
@@ -227,8 +229,6 @@ def test_frames_read_each_stack_page_once(inspect):
 @pytest.mark.parametrize("path", ["samples/bookworm-6.1-l5.core", "samples/sid-7.x-l4-pti.core",
                                   "synthetic"])
 def test_batched_virtual_reads_are_single_reads(path, write_kernel):
-    import os
-
     from inspector.elfcore import ElfCore
     if path == "synthetic":
         path, _ = write_kernel(kernel(nr_cpus=100, percpu="relative"))
@@ -257,3 +257,28 @@ def test_load_state_reads_each_cpu_once(inspect):
     assert [c for c, st in state.cpus.items() if st.espfix_stack] == list(range(0, 3000, 2))
     assert stats.max_fetches_per_page() == 1
     assert result.ok
+
+
+# -- imports: the JSON paths leave the heavy modules alone ------------------------------
+
+@pytest.mark.parametrize("argv", [["validate", "--json"], ["stacks", "--json"],
+                                  ["layout", "--cpus", "8", "--json"]])
+def test_json_commands_import_no_heavy_module(write_kernel, argv):
+    """pyelftools (a core or a vmlinux that needs it), tabulate (tables), ctypes (the
+    exerciser) and BCC (trace) cost seconds under TCG; --json needs none of them."""
+    import json
+    import subprocess
+    import sys
+    core, syms = write_kernel(kernel())
+    if argv[0] != "layout":
+        argv = [*argv, "--core", core, "--symbols", syms]
+    code = ("import io, json, sys, contextlib\n"
+            "from inspector.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    rc = main({argv!r})\n"
+            "print(json.dumps([rc, sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('elftools', 'tabulate', 'ctypes', 'bcc'))]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rc, heavy = json.loads(out.stdout)
+    assert rc == 0 and heavy == [], out.stderr
