@@ -2,10 +2,10 @@
 """Benchmark: the CLI on synthetic cores from 64 to 131,072 online CPUs, end to end.
 
 For each size a synthetic 5-level core (tests/synthcore.py, every CPU online and set
-up) is written once into a temporary directory (not timed, by `python3 -m tests.mkcore`
-in its own process, so that this process stays small: a child's peak RSS from wait4
-also counts the parent's pages at exec).  Then, --repeat times
-each and alternating, a fresh process runs
+up) is written once into a temporary directory (not timed; by `python3 -m tests.mkcore`
+in its own process, so that this one stays small: a child's peak RSS from wait4 also
+counts the parent's pages at exec).  Then, --repeat times each and alternating, a
+fresh process runs
 
     python3 -m inspector validate --json --core CORE --symbols KALLSYMS
     python3 -m inspector stacks --json   --core CORE --symbols KALLSYMS
@@ -13,8 +13,8 @@ each and alternating, a fresh process runs
 
 with stdout to /dev/null; its wall time (fork to exit), CPU time (user + system) and
 peak RSS come from os.wait4.  Nothing is cached between runs: each opens the core and
-the symbols again.  One more process (an open + state + audit + every frame) reports
-the read counters:
+the symbols again; the package is byte-compiled first (as an installed one is).  One
+more process (an open + state + audit + every frame) reports the read counters:
 distinct pages fetched, the most fetches of any one page (the goal is 1) and the
 per-CPU word reads.  Medians are printed; `us/CPU` is validate's wall time per CPU,
 which stays flat when the cost grows linearly.
@@ -59,11 +59,15 @@ def counters(core: str, syms: str) -> dict:
     return json.loads(out)
 
 
+#: The children run as an installed tool does: from byte-compiled modules.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def run(argv: list[str]) -> dict:
     """One fresh process: wall seconds fork to exit, CPU seconds and peak RSS (wait4)."""
     with open(os.devnull, "wb") as null:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=null, stderr=subprocess.PIPE, cwd=ROOT)
+        proc = subprocess.Popen(argv, stdout=null, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     err = proc.stderr.read().decode() if proc.stderr else ""
@@ -86,6 +90,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     py = [sys.executable, "-m", "inspector"]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "inspector")],
+                   check=True, env=ENV)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(s) for s in args.sizes.split(",")]:
