@@ -2,6 +2,11 @@
 
 import sys
 
-from .cli import main
+from . import prefetch
+
+if prefetch.live_argv(sys.argv[1:]):
+    prefetch.start()         # the kernel formats /proc/kallsyms while Python imports
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

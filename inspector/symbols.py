@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
+from . import prefetch
 from .errors import InspectError
 
 if TYPE_CHECKING:
@@ -275,6 +276,11 @@ def load_symbols(path: str, names: Iterable[str] | None = None) -> SymbolTable:
     """Load a kallsyms/System.map text file or a vmlinux ELF.  With *names*, a text
     file is only scanned for those (:func:`scan_symbol_text`): for the kernel's own
     /proc/kallsyms."""
+    if names is not None:
+        data = prefetch.take(path)           # read on another thread during startup
+        if data is not None and not data.startswith(b"\x7fELF") and b"\0" not in data[:4096]:
+            kind = "kallsyms" if os.path.basename(path) == "kallsyms" else "system.map"
+            return scan_symbol_text(data, path, kind, names, lambda: _reread(path))
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
