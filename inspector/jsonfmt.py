@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring_ascii as _str
+from builtins import hex as builtins_hex
 from itertools import chain, repeat
 from typing import IO, Iterable, Iterator, Sequence
 
@@ -171,16 +172,30 @@ def _column_text(values: list, level: int, hex: bool = False) -> list[str]:
 def _interleave(keys: Sequence, columns: list[list], level: int, hex: frozenset = frozenset(),
                 after: str = "") -> str:
     """The rows (dicts at nesting *level*) of *columns*, each followed by *after*, as
-    one string: the key texts and the value texts are interleaved and joined once."""
+    one string: the constant texts (keys, and any column whose value is the same in
+    every row) and the varying value texts are interleaved and joined once.  A hex
+    column without None is formatted by ``hex()`` with its quotes in the constant text."""
     key_indent = "\n" + INDENT * (level + 1)
-    heads = ["{" + key_indent + _key(keys[0]) + ": "] + \
-        ["," + key_indent + _key(k) + ": " for k in keys[1:]]
     n = len(columns[0])
+    pieces: list = []           # constant strings and lists of per-row texts, in order
+    for i, (key, values) in enumerate(zip(keys, columns)):
+        pieces.append(("{" if i == 0 else ",") + key_indent + _key(key) + ": ")
+        if key in hex and set(map(type, values)) == {int}:     # hex(v) == f"{v:#x}"
+            pieces += ['"', list(map(builtins_hex, values)), '"']
+        else:
+            texts = _column_text(values, level + 1, key in hex)
+            pieces.append(texts[0] if texts.count(texts[0]) == n else texts)
+    pieces.append("\n" + INDENT * level + "}" + after)
     parts: list = []
-    for head, key, values in zip(heads, keys, columns):
-        parts += [repeat(head, n), _column_text(values, level + 1, key in hex)]
-    parts.append(repeat("\n" + INDENT * level + "}" + after, n))
-    return "".join(chain.from_iterable(zip(*parts)))
+    for piece in pieces:        # merge neighbouring constants into one
+        if isinstance(piece, str) and parts and isinstance(parts[-1], str):
+            parts[-1] += piece
+        else:
+            parts.append(piece)
+    varying = [p if isinstance(p, list) else repeat(p, n) for p in parts]
+    if len(varying) == 1:
+        return parts[0] * n if isinstance(parts[0], str) else "".join(parts[0])
+    return "".join(chain.from_iterable(zip(*varying)))
 
 
 def _row_texts(keys: tuple, columns: list[list], level: int) -> list[str]:

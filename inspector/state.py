@@ -308,10 +308,17 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
     if span <= 64:          # both words in one read per CPU, all CPUs in one batch
         raws = reader.read_many([lo + offsets[cpu] for cpu in possible], span)
         stack_at, waddr_at = stack_sym - lo, waddr_sym - lo
-        word = struct.Struct("<Q").unpack_from
-        for cpu, raw in zip(possible, raws):
-            cpus[cpu] = CpuState(cpu, cpu in online_set, word(raw, stack_at)[0],
-                                 word(raw, waddr_at)[0])
+        if not (stack_at | waddr_at | span) & 7:        # aligned: one unpack per CPU
+            words = struct.Struct(f"<{span // 8}Q").unpack
+            si, wi = stack_at // 8, waddr_at // 8
+            for cpu, raw in zip(possible, raws):
+                w = words(raw)
+                cpus[cpu] = CpuState(cpu, cpu in online_set, w[si], w[wi])
+        else:
+            word = struct.Struct("<Q").unpack_from
+            for cpu, raw in zip(possible, raws):
+                cpus[cpu] = CpuState(cpu, cpu in online_set, word(raw, stack_at)[0],
+                                     word(raw, waddr_at)[0])
     for cpu in possible if span > 64 else ():
         stack = reader.u64(stack_sym + offsets[cpu])
         waddr = reader.u64(waddr_sym + offsets[cpu])
