@@ -85,11 +85,15 @@ def write_layout_json(fp: IO[str], cpus: list[int], rnd: Randomness, levels: int
     """``print(dumps(layout_json(...)), file=fp)`` for *cpus*, from the per-field lists of
     :func:`~inspector.model.layout_columns` instead of one CpuLayout per CPU."""
     cols = layout_columns(cpus, rnd, levels)
-    cols["espfix_stack"] = [f"{a:#x}" for a in cols["espfix_stack"]]
+    groups = [g.as_dict() for g in group_layouts(cpus, rnd)]
+    for g in groups:
+        pages = g["stack_pages"]
+        keys = tuple(pages[0]) if pages else ()
+        g["stack_pages"] = Columns(keys, [[p[k] for p in pages] for k in keys])
     jsonfmt.write(fp, {"page_random": rnd.page_random, "slot_random": rnd.slot_random,
-                       "levels": levels, "cpus": Columns(tuple(cols), list(cols.values())),
-                       "groups": [g.as_dict() for g in group_layouts(cpus, rnd)],
-                       "memory": memory_cost(cpus).as_dict()})
+                       "levels": levels,
+                       "cpus": Columns(tuple(cols), list(cols.values()), hex=("espfix_stack",)),
+                       "groups": groups, "memory": memory_cost(cpus).as_dict()})
 
 
 # -- validate ---------------------------------------------------------------
