@@ -2,11 +2,6 @@
 
 import sys
 
-from . import prefetch
-
-if prefetch.live_argv(sys.argv[1:]):
-    prefetch.start()         # the kernel formats /proc/kallsyms while Python imports
-
-from .cli import main  # noqa: E402
+from .cli import main
 
 sys.exit(main())

@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from . import __version__, prefetch
+from . import __version__
 from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
 from .model import (ESPFIX_MAX_CPUS, Randomness, cpu_layout, format_cpu_list, group_layouts,
                     memory_cost, parse_cpu_list)
@@ -290,8 +290,6 @@ def _terminated(*_: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None and prefetch.live_argv(sys.argv[1:]):
-        prefetch.start()     # run as a program: the kernel formats /proc/kallsyms meanwhile
     parser = build_parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)

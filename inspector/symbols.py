@@ -21,14 +21,13 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-from . import prefetch
 from .errors import InspectError
 
 if TYPE_CHECKING:
     from elftools.elf.elffile import ELFFile
 
 __all__ = ["START_KERNEL_MAP", "SymbolTable", "load_symbols", "parse_symbol_text",
-           "scan_symbol_text"]
+           "scan_symbol_text", "read_own_lines"]
 
 #: ``__START_KERNEL_map`` (arch/x86/include/asm/page_64_types.h).
 START_KERNEL_MAP = 0xFFFFFFFF80000000
@@ -276,11 +275,6 @@ def load_symbols(path: str, names: Iterable[str] | None = None) -> SymbolTable:
     """Load a kallsyms/System.map text file or a vmlinux ELF.  With *names*, a text
     file is only scanned for those (:func:`scan_symbol_text`): for the kernel's own
     /proc/kallsyms."""
-    if names is not None:
-        data = prefetch.take(path)           # read on another thread during startup
-        if data is not None and not data.startswith(b"\x7fELF") and b"\0" not in data[:4096]:
-            kind = "kallsyms" if os.path.basename(path) == "kallsyms" else "system.map"
-            return scan_symbol_text(data, path, kind, names, lambda: _reread(path))
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
@@ -296,7 +290,7 @@ def load_symbols(path: str, names: Iterable[str] | None = None) -> SymbolTable:
         fh.seek(0)
         if head == b"\x7fELF":
             return _load_vmlinux(path, fh)
-        data = fh.read()
+        data = fh.read() if names is None else read_own_lines(fh)
     if b"\0" in data[:4096]:
         raise InspectError(f"{path} is neither a vmlinux nor kallsyms/System.map text",
                            "pass /proc/kallsyms, the kernel's System.map or its vmlinux")
@@ -304,6 +298,23 @@ def load_symbols(path: str, names: Iterable[str] | None = None) -> SymbolTable:
     if names is not None:
         return scan_symbol_text(data, path, kind, names, lambda: _reread(path))
     return parse_symbol_text(data.decode("latin-1"), path, kind)
+
+
+def read_own_lines(fh, chunk: int = 1 << 20) -> bytes:
+    """A kallsyms text up to (and with) the chunk holding its first module line.
+
+    ``kernel/kallsyms.c`` lists vmlinux's own symbols first and then, each with
+    ``"\\t[module]"``, those of modules, BPF and ftrace (``update_iter()``), which the
+    inspector never uses: 5-8% of a live /proc/kallsyms in the Debian guests."""
+    chunks = []
+    while True:
+        data = fh.read(chunk)
+        if not data:
+            break
+        chunks.append(data)
+        if b"\t[" in data:
+            break
+    return b"".join(chunks)
 
 
 def _reread(path: str) -> bytes:

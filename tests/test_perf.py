@@ -284,34 +284,18 @@ def test_json_commands_import_no_heavy_module(write_kernel, argv):
     assert rc == 0 and heavy == [], out.stderr
 
 
-# -- prefetch: /proc/kallsyms read during startup ---------------------------------------
-
-@pytest.mark.parametrize("argv,live", [
-    (["validate"], True), (["stacks", "--json", "--cpu", "0"], True), (["watch", "10"], True),
-    (["exercise", "--no-kcore"], False), (["validate", "--core", "x"], False),
-    (["validate", "--symbols=y"], False), (["layout"], False), (["validate", "-h"], False),
-    ([], False), (["diff", "a", "b"], False)])
-def test_prefetch_only_for_live_command_lines(argv, live):
-    from inspector import prefetch
-    assert prefetch.live_argv(argv) is live
-
-
-def test_prefetched_kallsyms_stop_at_the_modules_and_resolve_the_same(tmp_path, monkeypatch):
-    from inspector import prefetch
+def test_live_read_stops_at_the_first_module_line(tmp_path):
+    import io
     text = kernel().symbol_text()
     modules = "".join(f"ffffffffc0{i:06x} t mod_sym_{i}\t[mod]\n" for i in range(2000))
+    data = (text + modules).encode()
+    got = symbols.read_own_lines(io.BytesIO(data), chunk=len(text) + 100)
+    assert got == data[:len(text) + 100]                 # one chunk, then the modules
+    assert symbols.read_own_lines(io.BytesIO(text.encode()), chunk=999) == text.encode()
     path = tmp_path / "kallsyms"
-    path.write_text(text + modules)
-    monkeypatch.setattr(prefetch, "CHUNK", len(text) + 100)   # two chunks: stop after one
-    prefetch.start(str(path))
-    data = prefetch.take(str(path))
-    assert data.startswith(text.encode()) and len(data) == len(text) + 100 < path.stat().st_size
-    prefetch.start(str(path))
+    path.write_bytes(data)
     names = ["_text", "init_top_pgt", "espfix_stack", "mod_sym_5"]
-    early = symbols.load_symbols(str(path), names)
-    assert prefetch.take(str(path)) is None                  # handed over once
-    plain = symbols.load_symbols(str(path), names)
-    assert early.addresses == plain.addresses and early.types == plain.types
-    assert "mod_sym_5" not in early.addresses                # a module's: never resolved
-    prefetch.start(str(tmp_path / "missing"))
-    assert prefetch.take(str(tmp_path / "missing")) is None  # the normal read reports it
+    table = symbols.load_symbols(str(path), names)
+    full = symbols.load_symbols(str(path))
+    assert {n: table.addresses.get(n) for n in names} == {n: full.addresses.get(n) for n in names}
+    assert table.addresses["espfix_stack"] and "mod_sym_5" not in table.addresses
