@@ -45,7 +45,8 @@ from inspector.target import open_target
 target = open_target(sys.argv[1], sys.argv[2])
 state = load_state(target, HostFacts())
 result = audit(state)
-state.frames(list(state.cpus))          # what stacks reads on top: every stack page
+for cpu in state.cpus:                   # what stacks reads on top: every stack page
+    state.frame(cpu)
 stats = target.mem.stats
 print(json.dumps({"ok": result.ok, "pages_read": stats.pages_read,
                   "max_fetches_per_page": stats.max_fetches_per_page(),
@@ -116,14 +117,14 @@ def main() -> int:
         print(json.dumps({"rows": rows, "repeat": args.repeat, "loadavg_1min": load}, indent=2))
         return 0
     print(f"{'CPUS':>7} {'VALIDATE s':>10} {'cpu':>5} {'MiB':>4} {'STACKS s':>8} {'cpu':>5} "
-          f"{'MiB':>4} {'LAYOUT s':>8} {'MiB':>4} {'PAGES':>5} {'MAX/PG':>6} {'WORDS':>6} "
-          f"{'us/CPU':>6}")
+          f"{'MiB':>4} {'LAYOUT s':>8} {'cpu':>5} {'MiB':>4} {'PAGES':>5} {'MAX/PG':>6} "
+          f"{'WORDS':>6} {'us/CPU':>6}")
     for r in rows:
         v, s, lay = r["validate"], r["stacks"], r["layout"]
         print(f"{r['cpus']:>7} {v['wall']:>10.3f} {v['cpu']:>5.2f} {v['rss_mib']:>4.0f} "
               f"{s['wall']:>8.3f} {s['cpu']:>5.2f} {s['rss_mib']:>4.0f} {lay['wall']:>8.3f} "
-              f"{lay['rss_mib']:>4.0f} {r['pages_read']:>5} {r['max_fetches_per_page']:>6} "
-              f"{r['word_reads']:>6} {r['us_per_cpu']:>6.1f}")
+              f"{lay['cpu']:>5.2f} {lay['rss_mib']:>4.0f} {r['pages_read']:>5} "
+              f"{r['max_fetches_per_page']:>6} {r['word_reads']:>6} {r['us_per_cpu']:>6.1f}")
     print(f"medians of {args.repeat}; wall = fork to exit; 1-min load average at the end: "
           f"{load:.1f}")
     return 0
