@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from itertools import repeat
-from typing import Callable, Iterable
 
 from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
                     ESPFIX_PTE_CLONES, ESPFIX_PUD_CLONES, ESPFIX_STACKS_PER_PAGE,
@@ -25,6 +24,7 @@ from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
                     group_pud_index, invert_espfix_stack, pte_slots, pud_slots)
 from .pagetable import (FLAGS_MASK, PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_NX,
                         PAGE_PRESENT, PAGE_RW, PAGE_USER, Walk, decode_flags)
+from .records import dataclass, field
 from .state import DIRECT_MAP_SIZE, EspfixState
 from .symbols import MASK64
 

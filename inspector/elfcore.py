@@ -26,10 +26,14 @@ import errno
 import os
 import stat
 import struct
-from dataclasses import dataclass
-from typing import BinaryIO, Sequence
+from collections.abc import Sequence
 
 from .errors import InspectError
+from .records import dataclass
+
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 __all__ = ["Segment", "Note", "ElfCore", "parse_notes", "parse_vmcoreinfo",
            "NO_PADDR", "x86_64_core_headers"]

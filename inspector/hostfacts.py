@@ -12,9 +12,9 @@ from __future__ import annotations
 import glob
 import os
 import re
-from dataclasses import asdict, dataclass, field
 
 from .model import parse_cpu_list
+from .records import asdict, dataclass, field
 
 __all__ = ["HostFacts", "read_host_facts"]
 

@@ -21,11 +21,14 @@ rows, so a 131,072-CPU document never exists as one string.
 
 from __future__ import annotations
 
-import json
-from json.encoder import encode_basestring_ascii as _str
 from builtins import hex as builtins_hex
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, repeat
-from typing import IO, Iterable, Iterator, Sequence
+from json.encoder import encode_basestring_ascii as _str
+
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import IO
 
 __all__ = ["Columns", "dumps", "write", "iterencode"]
 
@@ -40,6 +43,7 @@ class Columns:
     strings (``f"{v:#x}"``), the way the reports write addresses; they are formatted
     once, straight into JSON text.
 
+    >>> import json
     >>> dumps({"cpus": Columns(("cpu", "ok"), [[0, 1], [True, False]])}) == \\
     ...     json.dumps({"cpus": [{"cpu": 0, "ok": True}, {"cpu": 1, "ok": False}]}, indent=2)
     True

@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from collections.abc import Sequence
 
 from .elfcore import ElfCore
 from .errors import InspectError
+from .records import dataclass, field
+
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object           # an interface for readers and type checkers only
 
 __all__ = ["MemorySource", "CoreMemory", "RecordingMemory", "ReadStats", "PAGE_SIZE"]
 

@@ -18,9 +18,10 @@ Facts and names come from ``arch/x86/kernel/espfix_64.c`` and
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
-from typing import Iterable, Iterator, Sequence
+
+from .records import dataclass
 
 __all__ = [
     "PAGE_SIZE", "PAGE_SHIFT", "ESPFIX_BASE_ADDR", "ESPFIX_STACK_SIZE",

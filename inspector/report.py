@@ -7,7 +7,7 @@ in most consumers).  The JSON shapes are documented in README.md.
 from __future__ import annotations
 
 import json
-from typing import IO, TYPE_CHECKING, Iterable
+from collections.abc import Iterable
 
 from . import jsonfmt
 from .jsonfmt import Columns
@@ -15,7 +15,10 @@ from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout,
                     Randomness, format_cpu_list, group_layouts, layout_columns, memory_cost,
                     page_and_slot)
 
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:         # types only: a --json run imports neither the audit nor ctypes
+    from typing import IO
+
     from .audit import AuditResult, Finding
     from .exercise import RoundTrip
     from .state import EspfixState

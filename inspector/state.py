@@ -14,13 +14,13 @@ from 6.15; see ``include/linux/percpu-defs.h``).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import InspectError
 from .hostfacts import HostFacts, read_host_facts
 from .model import ESPFIX_BASE_ADDR, ESPFIX_STACKS_PER_PAGE, FRAME_WORDS
 from .pagetable import PAGE_PRESENT, PageTableWalker, Step, Walk
+from .records import dataclass, field
 from .symbols import MASK64, START_KERNEL_MAP
 from .target import Target
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .errors import InspectError
+from .records import dataclass, field
 
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     from elftools.elf.elffile import ELFFile
 

@@ -16,11 +16,11 @@ a symbol file from another build and is refused.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 from .elfcore import ElfCore
 from .errors import InspectError
 from .memory import CoreMemory, MemorySource
+from .records import dataclass, field
 from .symbols import MASK64, START_KERNEL_MAP, SymbolTable, load_symbols, parse_symbol_text
 
 __all__ = ["Target", "open_target", "SNAPSHOT_NOTE", "NT_SYMBOLS", "NT_META",

@@ -265,7 +265,9 @@ def test_load_state_reads_each_cpu_once(inspect):
                                   ["layout", "--cpus", "8", "--json"]])
 def test_json_commands_import_no_heavy_module(write_kernel, argv):
     """pyelftools (a core or a vmlinux that needs it), tabulate (tables), ctypes (the
-    exerciser) and BCC (trace) cost seconds under TCG; --json needs none of them."""
+    exerciser) and BCC (trace) cost seconds under TCG, dataclasses (with inspect) and
+    typing tenths of one; --json needs none of them.  Run without site (-S), whose .pth
+    files may import typing themselves."""
     import json
     import subprocess
     import sys
@@ -277,8 +279,9 @@ def test_json_commands_import_no_heavy_module(write_kernel, argv):
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             f"    rc = main({argv!r})\n"
             "print(json.dumps([rc, sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('elftools', 'tabulate', 'ctypes', 'bcc'))]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+            "('elftools', 'tabulate', 'ctypes', 'bcc', 'dataclasses', 'inspect', "
+            "'typing'))]))\n")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rc, heavy = json.loads(out.stdout)
     assert rc == 0 and heavy == [], out.stderr

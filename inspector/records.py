@@ -1,0 +1,160 @@
+"""``@dataclass`` for the modules a live ``validate`` imports, without ``dataclasses``.
+
+Under QEMU/TCG, importing the standard library's ``dataclasses`` (it imports
+``inspect``) and letting it process the nineteen record classes of the inspector's
+core modules took about 0.25 s of a 1.3-1.5 s live ``validate`` (bench/bench_live.py;
+README, Performance), as much as everything else the tool imports.  This module is the
+part of ``dataclasses`` those classes use, written down once: the fields are the class
+annotations in order, a default is a class attribute or a :func:`field`; the methods
+are generated as source and compiled in one ``exec`` per class, as ``dataclasses``
+does, so instances cost the same.
+
+Supported (and nothing else): ``@dataclass`` and ``@dataclass(frozen=True)``;
+``field(default=, default_factory=, repr=)``; generated ``__init__`` (which calls
+``__post_init__`` when the class has one), ``__repr__``,
+``__eq__`` (same class, fields compared as a tuple), and for frozen classes
+``__setattr__``/``__delattr__`` raising :class:`FrozenInstanceError` and a
+``__hash__`` of the fields; non-frozen classes are unhashable, as with ``eq=True``.
+:func:`asdict` converts records, lists, tuples and dicts recursively.  Classes that
+need more (``fields()``, ``replace()``, inheritance) use ``dataclasses`` itself.
+``tests/test_records.py`` holds this to ``dataclasses`` on the inspector's own classes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["dataclass", "field", "asdict", "FrozenInstanceError", "MISSING"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = _Missing()
+
+
+class FrozenInstanceError(AttributeError):
+    """Assignment to a field of a frozen record (as ``dataclasses.FrozenInstanceError``)."""
+
+
+class Field:
+    __slots__ = ("name", "default", "default_factory", "repr")
+
+    def __init__(self, default=MISSING, default_factory=MISSING, repr: bool = True) -> None:
+        if default is not MISSING and default_factory is not MISSING:
+            raise ValueError("cannot specify both default and default_factory")
+        self.name = ""
+        self.default = default
+        self.default_factory = default_factory
+        self.repr = repr
+
+
+def field(*, default=MISSING, default_factory=MISSING, repr: bool = True):
+    """A field with a default, a default factory, or left out of ``repr``."""
+    return Field(default, default_factory, repr)
+
+
+def _fields(cls: type) -> list[Field]:
+    out = []
+    for name in cls.__dict__.get("__annotations__", {}):
+        value = cls.__dict__.get(name, MISSING)
+        f = value if isinstance(value, Field) else Field(default=value)
+        f.name = name
+        if isinstance(value, Field):
+            if f.default is MISSING:
+                delattr(cls, name)              # no class attribute for factories
+            else:
+                setattr(cls, name, f.default)
+        if isinstance(f.default, (list, dict, set)):
+            raise ValueError(f"mutable default {type(f.default).__name__} for field "
+                             f"{name} is not allowed: use default_factory")
+        out.append(f)
+    seen_default = False
+    for f in out:
+        has = f.default is not MISSING or f.default_factory is not MISSING
+        if seen_default and not has:
+            raise TypeError(f"non-default argument {f.name!r} follows default argument")
+        seen_default = seen_default or has
+    return out
+
+
+def _process(cls: type, frozen: bool) -> type:
+    fields = _fields(cls)
+    names = [f.name for f in fields]
+    env: dict = {"MISSING": MISSING, "FrozenInstanceError": FrozenInstanceError,
+                 "__class__": cls}
+    params, body = [], []
+    set_ = "__dataclass_builtins_object__.__setattr__(self, {0!r}, {1})" if frozen \
+        else "self.{0} = {1}"
+    env["__dataclass_builtins_object__"] = object
+    for f in fields:
+        if f.default_factory is not MISSING:
+            env[f"_factory_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=MISSING")
+            value = f"_factory_{f.name}() if {f.name} is MISSING else {f.name}"
+        elif f.default is not MISSING:
+            env[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+            value = f.name
+        else:
+            params.append(f.name)
+            value = f.name
+        body.append(set_.format(f.name, value))
+    if hasattr(cls, "__post_init__"):
+        body.append("self.__post_init__()")
+    shown = [f.name for f in fields if f.repr]
+    tuple_of = "(" + "".join(f"self.{n}," for n in names) + ")"
+    other_tuple = "(" + "".join(f"other.{n}," for n in names) + ")"
+    src = [f"def __init__(self, {', '.join(params)}):" if params else "def __init__(self):",
+           *(f"    {line}" for line in body or ["pass"]),
+           "def __repr__(self):",
+           "    return self.__class__.__qualname__ + '(' + ', '.join(["
+           + ", ".join(f"'{n}=' + repr(self.{n})" for n in shown) + "]) + ')'",
+           "def __eq__(self, other):",
+           "    if other.__class__ is self.__class__:",
+           f"        return {tuple_of} == {other_tuple}",
+           "    return NotImplemented"]
+    if frozen:
+        src += ["def __setattr__(self, name, value):",
+                "    if type(self) is __class__ or name in __class__.__dict__['__record_fields__']:",
+                "        raise FrozenInstanceError(f'cannot assign to field {name!r}')",
+                "    super(__class__, self).__setattr__(name, value)",
+                "def __delattr__(self, name):",
+                "    if type(self) is __class__ or name in __class__.__dict__['__record_fields__']:",
+                "        raise FrozenInstanceError(f'cannot delete field {name!r}')",
+                "    super(__class__, self).__delattr__(name)",
+                "def __hash__(self):",
+                f"    return hash({tuple_of})"]
+    exec("\n".join(src), env)           # noqa: S102 - source built above from field names
+    for name in ("__init__", "__repr__", "__eq__", "__setattr__", "__delattr__", "__hash__"):
+        if name in env and name not in cls.__dict__:
+            fn = env[name]
+            fn.__qualname__ = f"{cls.__qualname__}.{name}"
+            setattr(cls, name, fn)
+    if not frozen and "__hash__" not in cls.__dict__:
+        cls.__hash__ = None             # type: ignore[assignment]  # eq without frozen
+    cls.__record_fields__ = tuple(fields)   # type: ignore[attr-defined]
+    cls.__match_args__ = tuple(names)       # type: ignore[attr-defined]
+    return cls
+
+
+def dataclass(cls: type | None = None, *, frozen: bool = False):
+    """The record decorator: ``@dataclass`` or ``@dataclass(frozen=True)``."""
+    if cls is None:
+        return lambda c: _process(c, frozen)
+    return _process(cls, frozen)
+
+
+def asdict(obj) -> dict:
+    """A record as a dict, records, lists, tuples and dicts inside converted too."""
+    return _plain(obj)
+
+
+def _plain(obj):
+    if hasattr(type(obj), "__record_fields__"):
+        return {f.name: _plain(getattr(obj, f.name)) for f in type(obj).__record_fields__}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, dict):
+        return {_plain(k): _plain(v) for k, v in obj.items()}
+    return obj
