@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 
+from .cli import HelpFormatter
 from .errors import EXIT_OK, InspectError
 from .target import KCORE_PATH
 
@@ -38,7 +39,7 @@ exit status: 0 traced until Ctrl-C, SIGTERM or the duration; 2 could not trace
 
 def add_parser(sub) -> None:
     p = sub.add_parser("trace", help="BCC probes: init_espfix_ap, modify_ldt, espfix returns",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+                       formatter_class=HelpFormatter, epilog=EXAMPLES)
     p.add_argument("duration", nargs="?", type=float, help="seconds to trace (default: until "
                    "Ctrl-C)")
     p.add_argument("-p", "--pid", type=int, help="only this process (modify_ldt, returns)")

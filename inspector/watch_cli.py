@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from .cli import HelpFormatter
 from .errors import EXIT_FINDINGS, EXIT_OK, InspectError
 from .target import KCORE_PATH
 
@@ -73,7 +74,7 @@ def _count(text: str) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("watch", help="re-validate on an interval and on CPU hotplug; report "
                        "findings and new ministack frames; Prometheus textfile",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        epilog=WATCH_EXAMPLES)
     p.add_argument("interval", nargs="?", type=_interval, default=None,
                    help="seconds between rounds (default 10, or the config file's)")
@@ -99,7 +100,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("diff", help="explain how two snapshots or validate --json documents "
                        "differ (kernel, randomisation, CPUs, findings)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        epilog=DIFF_EXAMPLES)
     p.add_argument("a", metavar="A", help="a snapshot/core or a validate --json file")
     p.add_argument("b", metavar="B", help="the same, for the other machine or boot")
