@@ -16,7 +16,8 @@ peak RSS come from os.wait4.  Nothing is cached between runs: each opens the cor
 the symbols again; the package is byte-compiled first (as an installed one is).  One
 more process (an open + state + audit + every frame) reports the read counters:
 distinct pages fetched, the most fetches of any one page (the goal is 1) and the
-per-CPU word reads.  Medians are printed; `us/CPU` is validate's wall time per CPU,
+per-CPU word reads (PAGES v/s: pages validate reads / with stacks' stack pages).
+Medians are printed; `us/CPU` is validate's wall time per CPU,
 which stays flat when the cost grows linearly.
 
     python3 bench/bench_validate.py [--sizes 64,1024,8192,32768,131072] [--repeat 3] [--json]
@@ -45,10 +46,12 @@ from inspector.target import open_target
 target = open_target(sys.argv[1], sys.argv[2])
 state = load_state(target, HostFacts())
 result = audit(state)
+stats = target.mem.stats
+validate_pages = stats.pages_read
 for cpu in state.cpus:                   # what stacks reads on top: every stack page
     state.frame(cpu)
-stats = target.mem.stats
-print(json.dumps({"ok": result.ok, "pages_read": stats.pages_read,
+print(json.dumps({"ok": result.ok, "pages_validate": validate_pages,
+                  "pages_read": stats.pages_read,
                   "max_fetches_per_page": stats.max_fetches_per_page(),
                   "word_reads": stats.small_reads}))
 """
@@ -117,13 +120,14 @@ def main() -> int:
         print(json.dumps({"rows": rows, "repeat": args.repeat, "loadavg_1min": load}, indent=2))
         return 0
     print(f"{'CPUS':>7} {'VALIDATE s':>10} {'cpu':>5} {'MiB':>4} {'STACKS s':>8} {'cpu':>5} "
-          f"{'MiB':>4} {'LAYOUT s':>8} {'cpu':>5} {'MiB':>4} {'PAGES':>5} {'MAX/PG':>6} "
+          f"{'MiB':>4} {'LAYOUT s':>8} {'cpu':>5} {'MiB':>4} {'PAGES v/s':>10} {'MAX/PG':>6} "
           f"{'WORDS':>6} {'us/CPU':>6}")
     for r in rows:
         v, s, lay = r["validate"], r["stacks"], r["layout"]
         print(f"{r['cpus']:>7} {v['wall']:>10.3f} {v['cpu']:>5.2f} {v['rss_mib']:>4.0f} "
               f"{s['wall']:>8.3f} {s['cpu']:>5.2f} {s['rss_mib']:>4.0f} {lay['wall']:>8.3f} "
-              f"{lay['cpu']:>5.2f} {lay['rss_mib']:>4.0f} {r['pages_read']:>5} "
+              f"{lay['cpu']:>5.2f} {lay['rss_mib']:>4.0f} "
+              f"{str(r['pages_validate']) + '/' + str(r['pages_read']):>10} "
               f"{r['max_fetches_per_page']:>6} {r['word_reads']:>6} {r['us_per_cpu']:>6.1f}")
     print(f"medians of {args.repeat}; wall = fork to exit; 1-min load average at the end: "
           f"{load:.1f}")
