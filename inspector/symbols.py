@@ -192,9 +192,9 @@ def scan_symbol_text(data: bytes, source: str, kind: str, names: Iterable[str],
     """Resolve only *names* (plus ``_text``/``_stext``) in kallsyms text, in one
     regular-expression pass over the bytes.
 
-    A live /proc/kallsyms has 100,000-130,000 lines and the inspector needs a few
+    A live /proc/kallsyms has 100,000-210,000 lines and the inspector needs a few
     dozen of them: building the table of every line (:func:`parse_symbol_text`) was the
-    largest cost of a live ``validate`` (about 2 s of 6 under QEMU/TCG; README,
+    largest cost of a live ``validate``, 2-4.5 s of 5-7 s in the QEMU/TCG guests (README,
     Performance).  The result is what :func:`parse_symbol_text` gives for those names
     (the first non-module line of each), for text in the kernel's own format.  Whenever
     that function would refuse the text (Debian's placeholder, no symbols, every
