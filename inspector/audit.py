@@ -23,7 +23,7 @@ from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
                     PTE_STRIDE, Randomness, espfix_base_addrs, format_cpu_list,
                     group_pud_index, invert_espfix_stack, pte_slots, pud_slots)
 from .pagetable import (FLAGS_MASK, PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_NX,
-                        PAGE_PRESENT, PAGE_RW, PAGE_USER, Walk, decode_flags)
+                        PAGE_PRESENT, PAGE_RW, PAGE_USER, decode_flags)
 from .records import dataclass, field
 from .state import DIRECT_MAP_SIZE, EspfixState
 from .symbols import MASK64
