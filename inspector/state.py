@@ -217,8 +217,8 @@ class EspfixState:
                 w = self.walk(base)
                 pages[base] = None if w.phys is None else self.reader.mem.phys_page(w.phys)
             page = pages[base]
-            words = frame(page, stack & 0xFFF) if page is not None else (0,)
-            out.append(dict(zip(FRAME_WORDS, words)) if any(words) else None)
+            words = frame(page, stack & 0xFFF) if page is not None else None
+            out.append(dict(zip(FRAME_WORDS, words)) if words and any(words) else None)
         return out
 
 
@@ -319,10 +319,11 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
             for cpu, raw in zip(possible, raws):
                 cpus[cpu] = CpuState(cpu, cpu in online_set, word(raw, stack_at)[0],
                                      word(raw, waddr_at)[0])
-    for cpu in possible if span > 64 else ():
-        stack = reader.u64(stack_sym + offsets[cpu])
-        waddr = reader.u64(waddr_sym + offsets[cpu])
-        cpus[cpu] = CpuState(cpu, cpu in online_set, stack, waddr)
+    else:
+        for cpu in possible:
+            stack = reader.u64(stack_sym + offsets[cpu])
+            waddr = reader.u64(waddr_sym + offsets[cpu])
+            cpus[cpu] = CpuState(cpu, cpu in online_set, stack, waddr)
 
     npages = (nr_cpu_ids + ESPFIX_STACKS_PER_PAGE - 1) // ESPFIX_STACKS_PER_PAGE
     espfix_pages = reader.u64s(pages_sym, npages)
