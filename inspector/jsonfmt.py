@@ -24,7 +24,11 @@ from __future__ import annotations
 from builtins import hex as builtins_hex
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, repeat
-from json.encoder import encode_basestring_ascii as _str
+
+try:        # json's own C string encoder, without the json package (and its decoder)
+    from _json import encode_basestring_ascii as _str
+except ImportError:                                     # pragma: no cover - not CPython
+    from json.encoder import encode_basestring_ascii as _str
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:

@@ -6,7 +6,6 @@ in most consumers).  The JSON shapes are documented in README.md.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
 from . import jsonfmt
@@ -37,6 +36,7 @@ def tabulate(*args, **kwargs) -> str:
 
 
 def dumps(doc: dict) -> str:
+    import json
     return json.dumps(doc, indent=2, sort_keys=False)
 
 

@@ -15,8 +15,6 @@ a symbol file from another build and is refused.
 
 from __future__ import annotations
 
-import json
-
 from .elfcore import ElfCore
 from .errors import InspectError
 from .memory import CoreMemory, MemorySource
@@ -102,6 +100,7 @@ def _meta(core: ElfCore) -> dict:
     for note in core.notes:
         if note.name == SNAPSHOT_NOTE and note.type == NT_META:
             try:
+                import json     # snapshots only: a live run imports no json decoder
                 return json.loads(note.desc.rstrip(b"\0").decode())
             except ValueError:
                 raise InspectError(f"{core.path}: damaged snapshot metadata note",

@@ -6,7 +6,6 @@ a fresh `validate` of that CPU, and prints.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import time
@@ -135,6 +134,8 @@ def _ldt_line(ev: dict) -> str:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    import json
+
     from probes import trace as tr
     from .cli import Terminated
 

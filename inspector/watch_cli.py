@@ -9,7 +9,6 @@ documents differ.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -117,6 +116,8 @@ def _print(line: str) -> None:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     from .prom import check_textfile_dir, render, write_textfile
+    import json
+
     from .watch import Watcher, build_config, event_text
     overrides = {k: v for k, v in (("interval", args.interval), ("core", args.core),
                                    ("symbols", args.symbols), ("json", args.json),

@@ -302,3 +302,15 @@ def test_live_read_stops_at_the_first_module_line(tmp_path):
     full = symbols.load_symbols(str(path))
     assert {n: table.addresses.get(n) for n in names} == {n: full.addresses.get(n) for n in names}
     assert table.addresses["espfix_stack"] and "mod_sym_5" not in table.addresses
+
+
+def test_numbered_entries_are_what_glob_finds(tmp_path):
+    import glob
+
+    from inspector.hostfacts import _numbered
+    for name in ("node0", "node12", "node", "nodeX", ".node1", "xnode3", "memory7", "node3a"):
+        (tmp_path / name).mkdir()
+    for prefix in ("node", "memory", "absent"):
+        assert sorted(_numbered(str(tmp_path), prefix)) == \
+            sorted(glob.glob(f"{tmp_path}/{prefix}[0-9]*"))
+    assert _numbered(str(tmp_path / "missing"), "node") == []
