@@ -179,9 +179,9 @@ class EspfixState:
 
 
 def _levels(target: Target, reader: KernelReader) -> int:
-    v = target.vmcoreinfo.get("NUMBER(pgtable_l5_enabled)")
+    v = target.vmcoreinfo.pgtable_l5_enabled
     if v is not None:
-        return 5 if int(v, 0) else 4
+        return 5 if v else 4
     sym = target.symbols.get("__pgtable_l5_enabled")
     if sym is not None:
         return 5 if reader.u32(sym) else 4
@@ -194,9 +194,9 @@ def _page_offset_base(target: Target, reader: KernelReader, levels: int) -> int:
     sym = target.symbols.get("page_offset_base")
     if sym is not None:
         return reader.u64(sym)
-    v = target.vmcoreinfo.get("NUMBER(page_offset_base)")
+    v = target.vmcoreinfo.page_offset
     if v is not None:
-        return int(v, 0) & MASK64
+        return v
     # Fall back on the core's RAM segments: direct-map address minus physical.
     deltas: dict[int, int] = {}
     for s in target.core.segments:
@@ -243,7 +243,8 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
     reader.walker, reader.pgd_pa = walker, pgd_pa
 
     if host is None:
-        host = read_host_facts() if target.live else HostFacts.from_dict(target.meta.get("host", {}))
+        host = read_host_facts() if target.live else \
+            HostFacts.from_dict(target.meta.get("host", {}), f"{target.core.path} (snapshot metadata)")
 
     nr_cpu_ids = reader.u32(_need(target, "nr_cpu_ids", "the number of CPU ids"))
     if not 0 < nr_cpu_ids <= 1 << 17:

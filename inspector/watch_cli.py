@@ -14,6 +14,7 @@ import sys
 import time
 
 from .errors import EXIT_FINDINGS, EXIT_OK, InspectError
+from .safetext import print_out
 from .target import KCORE_PATH
 
 __all__ = ["add_parser", "COMMANDS"]
@@ -110,8 +111,7 @@ def add_parser(sub) -> None:
 
 
 def _print(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()          # one line at a time into the journal or a pipe
+    print_out(line, flush=True)     # one line at a time into the journal or a pipe
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -133,7 +133,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         else:
             _print(event_text(ev))
         if ev["event"] == "error":
-            print(f"{PROG}: watch: {ev['message']}", file=sys.stderr, flush=True)
+            print_out(f"{PROG}: watch: {ev['message']}", err=True)
 
     def on_round(res) -> None:
         directory = watcher.config.textfile
@@ -155,7 +155,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     a = load_side(args.a, args.symbols_a)
     b = load_side(args.b, args.symbols_b)
     res = diff_docs(a, b)
-    print(dumps(diff_json(res)) if args.json else diff_text(res))
+    print_out(dumps(diff_json(res)) if args.json else diff_text(res))
     return EXIT_OK if res.same else EXIT_FINDINGS
 
 
