@@ -251,12 +251,15 @@ def _live_state_or_note(args: argparse.Namespace):
 
 
 def cmd_exercise(args: argparse.Namespace) -> int:
-    from .exercise import exercise
+    from .exercise import FINDING_VERDICTS, exercise
     from .report import dumps, exercise_json, exercise_text
     if not 0.01 <= args.duration <= 60:
         raise InspectError(f"--duration {args.duration} is out of range", "use 0.01..60 s")
     allowed = sorted(os.sched_getaffinity(0))
     cpus = args.cpu if args.cpu is not None else allowed
+    if not cpus:
+        raise InspectError("no CPU to exercise: this process's CPU affinity is empty",
+                           "pick CPUs with --cpu")
     refused = [c for c in cpus if c not in allowed]
     if refused:
         raise InspectError(f"CPU {refused[0]} is not online or not in this process's "
@@ -272,7 +275,12 @@ def cmd_exercise(args: argparse.Namespace) -> int:
         if target is not None:
             target.close()
     print_out(dumps(exercise_json(rounds, note)) if args.json else exercise_text(rounds, note))
-    return EXIT_OK if all(r.verdict == "ok" for r in rounds) else EXIT_FINDINGS
+    if any(r.verdict in FINDING_VERDICTS for r in rounds):
+        return EXIT_FINDINGS
+    if not any(r.verdict == "ok" for r in rounds):
+        raise InspectError("no exercise round could run: the children never got a CPU",
+                           "run again on a less busy machine, or with a longer --duration")
+    return EXIT_OK
 
 
 COMMANDS = {"layout": cmd_layout, "validate": cmd_validate, "stacks": cmd_stacks,

@@ -13,6 +13,7 @@ from 6.15; see ``include/linux/percpu-defs.h``).
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass, field
 
@@ -23,7 +24,16 @@ from .pagetable import PAGE_PRESENT, PageTableWalker, Step, Walk
 from .symbols import MASK64, START_KERNEL_MAP
 from .target import Target
 
-__all__ = ["KernelInfo", "CpuState", "EspfixState", "KernelReader", "load_state"]
+__all__ = ["KernelInfo", "CpuState", "EspfixState", "KernelReader", "load_state",
+           "FrameUnreadable", "FRAME_BYTES"]
+
+#: The six words ``native_irq_return_ldt`` copies to the ministack (entry_64.S).
+FRAME_BYTES = 8 * len(FRAME_WORDS)
+
+
+class FrameUnreadable(InspectError):
+    """One CPU's ministack frame cannot be read (a corrupt ``espfix_stack``, an
+    unmapped alias, a page the core lacks); the rest of the inspection goes on."""
 
 #: Default direct-map bases without KASLR (``__PAGE_OFFSET_BASE_L4/L5``).
 PAGE_OFFSET_DEFAULT = {4: 0xFFFF888000000000, 5: 0xFF11000000000000}
@@ -69,9 +79,13 @@ class KernelReader:
     def u64s(self, addr: int, count: int) -> tuple[int, ...]:
         return struct.unpack(f"<{count}Q", self.read(addr, 8 * count)) if count else ()
 
-    def bitmap(self, addr: int, nbits: int) -> list[int]:
+    def bitmap(self, addr: int, nbits: int) -> tuple[list[int], list[int]]:
+        """The set bits below *nbits*, and those set beyond it in the last word read
+        (a ``struct cpumask`` keeps bits from ``nr_cpu_ids`` up clear)."""
         words = self.u64s(addr, (nbits + 63) // 64)
-        return [i for i in range(nbits) if words[i >> 6] >> (i & 63) & 1]
+        bits = [i for i in range(len(words) * 64) if words[i >> 6] >> (i & 63) & 1]
+        cut = bisect.bisect_left(bits, nbits)
+        return bits[:cut], bits[cut:]
 
 
 @dataclass
@@ -130,6 +144,8 @@ class EspfixState:
     cpus: dict[int, CpuState]              # possible CPUs
     espfix_pages: tuple[int, ...]          # direct-map addresses, 0 = NULL
     host: HostFacts = field(default_factory=HostFacts)
+    #: mask name -> CPUs set at or above nr_cpu_ids (in the last word read)
+    beyond_nr_cpu_ids: dict[str, list[int]] = field(default_factory=dict)
     _walks: dict[tuple[int, int], Walk] = field(default_factory=dict)
 
     @property
@@ -161,17 +177,27 @@ class EspfixState:
         """The last IRET frame the entry code left in *cpu*'s ministack
         (``native_irq_return_ldt`` writes RAX, RIP, CS, RFLAGS, RSP, SS through
         ``espfix_waddr``), or None when the slot was never used.  *fresh* re-reads
-        the stack page instead of using the cached copy (live kernels)."""
+        the stack page instead of using the cached copy (live kernels).
+
+        Raises :class:`FrameUnreadable` with the reason when the frame cannot be read:
+        the tool exists to report such corruption, so callers show it and go on."""
         st = self.cpus[cpu]
         if not st.initialised:
             return None
+        off = st.espfix_stack & 0xFFF
+        if off + FRAME_BYTES > 4096:
+            raise FrameUnreadable(f"espfix_stack {st.espfix_stack:#x} puts the {FRAME_BYTES}-byte "
+                                  f"frame at page offset {off:#x}, across the page end: "
+                                  "espfix_stack is corrupt")
         w = self.walk(st.espfix_stack)
         if w.phys is None:
-            return None
-        if fresh:
-            self.reader.mem.invalidate(w.phys)
-        page = self.reader.mem.phys_page(w.phys)
-        off = st.espfix_stack & 0xFFF
+            raise FrameUnreadable(f"espfix_stack {st.espfix_stack:#x} is not mapped: {w.fault}")
+        try:
+            if fresh:
+                self.reader.mem.invalidate(w.phys)
+            page = self.reader.mem.phys_page(w.phys)
+        except InspectError as e:
+            raise FrameUnreadable(e.cause) from None
         words = struct.unpack_from("<6Q", page, off)
         if not any(words):
             return None
@@ -250,8 +276,10 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
     if not 0 < nr_cpu_ids <= 1 << 17:
         raise InspectError(f"nr_cpu_ids reads as {nr_cpu_ids}: the core or symbols are wrong",
                            "use the symbol file of the inspected kernel")
-    possible = reader.bitmap(_need(target, "__cpu_possible_mask", "possible CPUs"), nr_cpu_ids)
-    online = reader.bitmap(_need(target, "__cpu_online_mask", "online CPUs"), nr_cpu_ids)
+    possible, possible_beyond = reader.bitmap(
+        _need(target, "__cpu_possible_mask", "possible CPUs"), nr_cpu_ids)
+    online, online_beyond = reader.bitmap(
+        _need(target, "__cpu_online_mask", "online CPUs"), nr_cpu_ids)
     offsets = reader.u64s(_need(target, "__per_cpu_offset", "per-CPU area offsets"), nr_cpu_ids)
     stack_sym = _need(target, "espfix_stack", "per-CPU ministack address")
     waddr_sym = _need(target, "espfix_waddr", "per-CPU ministack writable alias")
@@ -300,7 +328,9 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
         user_pgd_pa=user_pgd_pa, espfix_pud_page=pud_sym,
         pud_pa=target.pa_symbol(pud_sym),
         page_random=_u32("page_random"), slot_random=_u32("slot_random"))
-    state = EspfixState(info, reader, walker, possible, online, cpus, espfix_pages, host)
+    state = EspfixState(info, reader, walker, possible, online, cpus, espfix_pages, host,
+                        beyond_nr_cpu_ids={"possible": possible_beyond,
+                                           "online": online_beyond})
     _refuse_if_disabled(state)
     return state
 

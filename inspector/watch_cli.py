@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from .errors import EXIT_FINDINGS, EXIT_OK, InspectError
 from .safetext import print_out
@@ -137,13 +136,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     def on_round(res) -> None:
         directory = watcher.config.textfile
-        if not directory:
-            return
-        try:
+        if directory:       # a failed write raises: the watcher reports it and fails the exit
             write_textfile(directory, render(res, watcher.config.frames))
-        except InspectError as e:
-            emit({"event": "error", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "round": res.number, "message": e.line()})
 
     watcher = Watcher(config, emit, on_round, config_path=args.config, overrides=overrides)
     return watcher.run()

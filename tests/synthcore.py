@@ -20,7 +20,8 @@ import struct
 from dataclasses import dataclass, field
 
 from inspector.elfcore import NO_PADDR
-from inspector.elfwrite import LoadSegment, NoteEntry, atomic_output, write_core
+from inspector.elfwrite import LoadSegment, NoteEntry, write_core
+from inspector.fileio import atomic_output
 from inspector.model import (ESPFIX_PMD_CLONES, ESPFIX_PTE_CLONES,
                              ESPFIX_PUD_CLONES, ESPFIX_STACKS_PER_PAGE, PTE_STRIDE,
                              Randomness, espfix_base_addr)
