@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 import time
 
 from .errors import EXIT_OK, InspectError

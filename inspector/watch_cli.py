@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from .errors import EXIT_FINDINGS, EXIT_OK, InspectError
+from .errors import EXIT_FINDINGS, EXIT_OK
 from .safetext import print_out
 from .target import KCORE_PATH
 

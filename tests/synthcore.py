@@ -192,6 +192,11 @@ class SynthKernel:
             words[c // 64] |= 1 << (c % 64)
         self._raw_put(self.syms[name], struct.pack(f"<{len(words)}Q", *words))
 
+    def write_mask(self, name: str, cpus) -> None:
+        """Overwrite a cpumask (``__cpu_online_mask``...) without touching anything else:
+        the corruption a test wants."""
+        self._set_mask(name, cpus)
+
     # -- memory access -----------------------------------------------------
     def _image_off(self, vaddr: int) -> int | None:
         off = (vaddr - self.text) & MASK64
