@@ -36,6 +36,8 @@ class Variant:
     expect_online: str = "0-3"          # /sys/devices/system/cpu/online
     expect_nodes: str = "0"             # /sys/devices/system/node/online
     description: str = ""
+    guest_args: str = "tests/guest"     # what test_matrix's in-guest pytest runs
+    timeout_s: float = 900.0            # test_matrix's VM time limit (ESPFIX_VM_TIMEOUT wins)
 
 
 KERNELS: dict[str, Kernel] = {
@@ -113,7 +115,9 @@ VARIANTS: dict[str, dict[str, Variant]] = {
 _SMP72 = ("-smp", "72,maxcpus=72")
 _CPUS72 = dict(cmdline=("maxcpus=1",), mem_mb=4096, expect_possible="0-71",
                expect_present="0-71", expect_online="0",
-               description="72 vCPUs, only cpu0 up at boot (mass onlining)")
+               description="72 vCPUs, only cpu0 up at boot (mass onlining)",
+               guest_args="-s tests/guest/test_smoke.py tests/guest/test_trace_mass_online.py",
+               timeout_s=3600.0)
 
 #: Rows kept out of the default matrix (and out of CI) because they cost minutes each;
 #: name them explicitly: ESPFIX_VM_ROWS=bookworm:cpus72, or `run --variant cpus72`.
