@@ -130,14 +130,15 @@ class LiveVerifier:
             state = load_state(self.target)
             return ({c for c, st in state.cpus.items() if st.initialised},
                     "espfix_stack read through /proc/kcore")
-        except InspectError as e:
+        except (InspectError, OSError, ValueError) as e:
             self.close()
+            why = e.cause if isinstance(e, InspectError) else str(e)
             try:
                 with open("/sys/devices/system/cpu/online") as f:
                     online = set(parse_cpu_list(f.read(4096)))
             except (OSError, ValueError):
                 online = set()
-            return online, f"the online CPUs; /proc/kcore unusable: {e.cause}"
+            return online, f"the online CPUs; /proc/kcore unusable: {why}"
 
     def close(self) -> None:
         if self.target is not None:
@@ -214,8 +215,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     reason = "duration"
     inits: list[dict] = []
-    # The CPUs with a ministack when the probes went live: what `layout` predicts from.
-    before, before_source = verifier.initialised() if plan.init else (set(), "")
+    before: set[int] = set()
+    before_source = ""
 
     def handle(events: list[dict]) -> None:
         for ev in events:
@@ -233,6 +234,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
                 emit({**doc, "t": round(ts, 3)}, line)
 
     try:
+        if plan.init:
+            # The CPUs with a ministack once the probes are live: what the summary's
+            # layout prediction starts from.
+            before, before_source = verifier.initialised()
         if not args.json:
             emit({}, f"Tracing {plan.describe()}" + (f" for pid {args.pid}" if args.pid else "")
                  + (f" for {args.duration:g} s" if args.duration else "") + ". Ctrl-C to end.")

@@ -258,3 +258,19 @@ def test_summary_text_has_no_event_lines(fake_trace, capsys):
     assert "  INIT   " not in out and "  LDT    " not in out and "TIME(s)" not in out
     assert "wait not measured: not asked for (--no-lock)" in " ".join(out.split())
     assert "stack page        1         1  64" in out
+
+
+def test_before_state_falls_back_to_the_online_cpus(monkeypatch):
+    """No usable /proc/kcore: the online CPUs, which all have a ministack, and the
+    reason in the source text."""
+    from inspector import target, trace_cli
+    from inspector.errors import InspectError
+    from inspector.model import parse_cpu_list
+
+    def refuse(*_a):
+        raise InspectError("/proc/kcore does not exist", "run in a VM")
+    monkeypatch.setattr(target, "open_target", refuse)
+    cpus, source = trace_cli.LiveVerifier().initialised()
+    with open("/sys/devices/system/cpu/online") as f:
+        assert cpus == set(parse_cpu_list(f.read()))
+    assert source == "the online CPUs; /proc/kcore unusable: /proc/kcore does not exist"
