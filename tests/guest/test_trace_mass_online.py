@@ -128,6 +128,14 @@ def runs():
                 p.wait()
     print("\n".join(f"{k}: {v:.1f} s" for k, v in r["times"].items()))
     print(r["header"] + r["text"])          # the README's record comes from here
+    s2 = [d for d in r["docs"] if d.get("type") == "summary"]
+    if s2:
+        s2 = s2[-1]
+        print(f"second online (--json summary): {s2['calls']} calls, {s2['set_up']} set up, "
+              f"{s2['early_return']} early returns, allocations "
+              f"{ {k: a['seen'] for k, a in s2['allocations'].items()} }, match {s2['match']}, "
+              f"mutex taken {s2['espfix_init_mutex']['taken']}, latency p50/max "
+              f"{s2['latency_ns']['p50'] / 1e3:.1f}/{s2['latency_ns']['max'] / 1e3:.1f} us")
     return r
 
 
