@@ -16,7 +16,7 @@ LEVEL = {
     "pagetable": 2,
     "state": 3,
     "audit": 4, "snapshot": 5, "exercise": 5, "watch": 5,
-    "report": 6, "prom": 6, "diff": 6,
+    "report": 6, "prom": 6, "diff": 6, "trace_summary": 6,
     "cli": 7, "trace_cli": 7, "watch_cli": 7, "__main__": 8, "__init__": 0,
 }
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .hostenv import HostError, ensure_host_tools
 from .image import build, image_for
-from .kernels import KERNELS, VARIANTS, MatrixError, get_variant, matrix
+from .kernels import KERNELS, SLOW_VARIANTS, VARIANTS, MatrixError, get_variant, matrix
 from .run import VMError, run_in_vm
 
 OBSERVED = Path(__file__).resolve().with_name("observed")
@@ -24,6 +24,9 @@ def _cmd_list(_: argparse.Namespace) -> int:
             print(f"  {name}:{v.name:9} {' '.join(v.qemu_args)}"
                   f"{'  cmdline: ' + ' '.join(v.cmdline) if v.cmdline else ''}"
                   f"  ({v.description})")
+        for v in SLOW_VARIANTS.get(name, {}).values():
+            print(f"  {name}:{v.name:9} {' '.join(v.qemu_args)}  cmdline: {' '.join(v.cmdline)}"
+                  f"  ({v.description}; slow: only when named in ESPFIX_VM_ROWS)")
     return 0
 
 

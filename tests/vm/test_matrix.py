@@ -1,7 +1,8 @@
 """Boot every matrix row once and run the in-guest test suite (tests/guest) as root.
 
 Selected only with ESPFIX_VM=1 or `-m vm`; ESPFIX_VM_ROWS=bookworm:l5,sid narrows the rows;
-ESPFIX_VM_TIMEOUT (seconds, default 900) bounds each VM run.
+ESPFIX_VM_TIMEOUT (seconds, default: the variant's timeout_s, 900 for the default rows)
+bounds each VM run.
 """
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import os
 
 import pytest
 
-from .kernels import matrix, parse_rows
+from .kernels import get_variant, matrix, parse_rows
 from .run import VMError, run_in_vm
 
-GUEST_PYTEST = "python3 -m pytest -q -rs -p no:cacheprovider tests/guest"
+GUEST_PYTEST = "python3 -m pytest -q -rs -p no:cacheprovider"
 ROWS = parse_rows(os.environ["ESPFIX_VM_ROWS"]) if os.environ.get("ESPFIX_VM_ROWS") \
     else matrix()
 
@@ -20,9 +21,10 @@ ROWS = parse_rows(os.environ["ESPFIX_VM_ROWS"]) if os.environ.get("ESPFIX_VM_ROW
 @pytest.mark.vm
 @pytest.mark.parametrize(("kernel", "variant"), ROWS, ids=[f"{k}-{v}" for k, v in ROWS])
 def test_guest_suite(kernel: str, variant: str) -> None:
-    timeout = float(os.environ.get("ESPFIX_VM_TIMEOUT", "900"))
+    v = get_variant(kernel, variant)
+    timeout = float(os.environ.get("ESPFIX_VM_TIMEOUT", v.timeout_s))
     try:
-        res = run_in_vm(kernel, variant, GUEST_PYTEST, timeout)
+        res = run_in_vm(kernel, variant, f"{GUEST_PYTEST} {v.guest_args}", timeout)
     except VMError as e:
         pytest.fail(str(e), pytrace=False)
     print(f"{kernel}:{variant}: {res.describe()}\n{res.stdout}{res.stderr}")
