@@ -1,0 +1,458 @@
+"""Crash dumps as a memory source: kdump-compressed files and ELF vmcores.
+
+The formats kdump really writes, read through libkdumpfile (Debian's
+``python3-libkdumpfile``, module ``kdumpfile``, imported only when a dump is
+opened):
+
+- kdump-compressed ("diskdump", signature ``KDUMP   ``): ``makedumpfile -c``
+  (zlib, Debian's kdump-tools default with ``-d 31``), ``-l`` (lzo), ``-p``
+  (snappy), ``-z`` (zstd), and QEMU's ``dump-guest-memory -z/-l/-s``;
+- the *flattened* form of it (makedumpfile ``-F``, and every kdump-compressed
+  dump QEMU wrote before 8.2): a stream of ``(offset, size, data)`` records
+  behind a ``makedumpfile`` header.  libkdumpfile reads it natively since 0.5.5
+  (``src/kdumpfile/flatmap.c``); with an older library the records are put
+  back in place in an unlinked temporary file first (what ``makedumpfile -R``
+  does), sparse, so that holes cost nothing;
+- ELF vmcores: ``/proc/vmcore`` copied raw, ``makedumpfile -E``, QEMU's ELF
+  ``dump-guest-memory``.  They are told apart from /proc/kcore-shaped cores
+  (and espfix-inspect snapshots) by :func:`is_vmcore`.
+
+Why libkdumpfile and not a reader of our own: the diskdump format has four
+compressions (zstd, lzo and snappy need C libraries Python does not ship),
+split and flattened variants, header versions 1 to 6 with fields added over
+time, and filtered-page bitmaps; libkdumpfile is the reader drgn's and crash's
+ecosystem already trusts (drgn opens every non-ELF dump with it), it is
+packaged by Debian, and it keeps this module to the espfix-specific questions.
+
+These dumps hold *physical* memory only.  :class:`DumpCore` therefore serves
+no virtual address (``read_vaddr`` is always None): the kernel reader of
+:mod:`inspector.state` translates kernel-image addresses through
+``phys_base``/``KERNELOFFSET`` and everything else through the dump's own
+page tables, exactly as for a snapshot.
+
+Filtered pages: makedumpfile ``-d`` drops zero (1), cache (2, 4), user (8) and
+free (16) pages.  A page the dump says is RAM but did not save raises
+:class:`~inspector.errors.PageFiltered` from :class:`DumpMemory`; the checks
+turn that into an info finding, ``stacks`` into "all zero, filtered".
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from .elfcore import NO_PADDR, ElfCore, Note, parse_vmcoreinfo
+from .errors import InspectError, PageFiltered
+from .memory import PAGE_MASK, PAGE_SIZE, CoreMemory
+
+__all__ = ["DumpCore", "DumpMemory", "CpuRegisters", "sniff", "is_vmcore",
+           "import_kdumpfile", "DISKDUMP_SIGNATURE", "FLAT_SIGNATURE", "REGISTER_NAMES"]
+
+#: ``struct disk_dump_header.signature`` (makedumpfile diskdump_mod.h, QEMU dump.h).
+DISKDUMP_SIGNATURE = b"KDUMP   "
+#: ``struct makedumpfile_header.signature``: the flattened stream format.
+FLAT_SIGNATURE = b"makedumpfile\0\0\0\0"
+FLAT_HEADER_SIZE = 4096
+#: ``struct new_utsname``: six 65-byte fields after the 8-byte signature and the
+#: 4-byte header_version.
+UTS_FIELD = 65
+UTS_OFFSET = 12
+
+#: ``struct user_regs_struct`` (arch/x86/include/asm/user_64.h): the order of
+#: ``elf_prstatus.pr_reg`` in an NT_PRSTATUS note.
+REGISTER_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+                  "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "rflags",
+                  "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")
+
+#: Dump files are parsed by a C library: refuse absurd flattened streams early.
+MAX_FLAT_RECORD = 1 << 40
+
+
+def import_kdumpfile(path: str):
+    """The ``kdumpfile`` module, or one clear error naming the Debian package."""
+    try:
+        import kdumpfile                       # Debian: python3-libkdumpfile
+        import kdumpfile.exceptions            # noqa: F401
+    except ImportError:
+        raise InspectError(
+            f"{path} is a crash dump, and reading it needs libkdumpfile's Python module "
+            f"kdumpfile, which {sys.executable} (Python {sys.version.split()[0]}) cannot import",
+            "apt-get install python3-libkdumpfile, and run espfix-inspect with Debian's "
+            "/usr/bin/python3 (or a venv created from it with --system-site-packages)") from None
+    return kdumpfile
+
+
+def sniff(path: str) -> str | None:
+    """``"diskdump"``, ``"flattened"`` or ``"elf"`` from the first bytes of *path*,
+    None for anything else (the caller decides what to say)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head.startswith(b"\x7fELF"):
+        return "elf"
+    if head.startswith(DISKDUMP_SIGNATURE):
+        return "diskdump"
+    if head == FLAT_SIGNATURE:
+        return "flattened"
+    return None
+
+
+def is_vmcore(core: ElfCore, snapshot_note: str) -> bool:
+    """An ELF *crash dump*, as opposed to /proc/kcore or a snapshot.
+
+    /proc/kcore (and the synthetic cores shaped like it) always has
+    virtual-only segments (vmalloc, vmemmap: ``p_paddr = -1``,
+    ``fs/proc/kcore.c``); a snapshot carries its own note.  A vmcore
+    (``/proc/vmcore``, ``makedumpfile -E``, QEMU's ELF dump) has neither: every
+    ``PT_LOAD`` is physical memory.
+    """
+    if any(n.name == snapshot_note for n in core.notes):
+        return False
+    if any(s.paddr == NO_PADDR for s in core.segments):
+        return False
+    return bool(core.segments)
+
+
+@dataclass(frozen=True)
+class CpuRegisters:
+    """One CPU's registers at crash (or dump) time, from an NT_PRSTATUS note."""
+    index: int                       # position of the note in the dump
+    pid: int | None                  # pr_pid: the task running there (QEMU: vCPU + 1)
+    regs: dict[str, int] = field(default_factory=dict)
+
+    def get(self, name: str) -> int | None:
+        return self.regs.get(name)
+
+
+def parse_prstatus(desc: bytes, index: int) -> CpuRegisters | None:
+    """An x86-64 ``struct elf_prstatus`` (include/linux/elfcore.h): pr_pid at
+    offset 32, ``pr_reg`` (27 words, :data:`REGISTER_NAMES`) at offset 112."""
+    if len(desc) < 112 + 8 * len(REGISTER_NAMES):
+        return None
+    pid = struct.unpack_from("<i", desc, 32)[0]
+    words = struct.unpack_from(f"<{len(REGISTER_NAMES)}Q", desc, 112)
+    return CpuRegisters(index, pid, dict(zip(REGISTER_NAMES, words)))
+
+
+class DumpCore:
+    """A crash dump opened through libkdumpfile, shaped like
+    :class:`~inspector.elfcore.ElfCore` for :mod:`inspector.target`.
+
+    >>> dump = DumpCore("/var/crash/202612011500/dump.202612011500")   # doctest: +SKIP
+    >>> dump.format, dump.vmcoreinfo["OSRELEASE"]                      # doctest: +SKIP
+    ('diskdump', '6.1.0-56-amd64')
+    """
+
+    live = False
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.reads = 0
+        self.bytes_read = 0
+        self.segments: list = []          # no virtual segments: physical memory only
+        self.notes: list[Note] = []
+        self.reassembled = False          # a flattened stream put back in place
+        self._tmp = None
+        self.kind = _check_file(path)
+        kdumpfile = import_kdumpfile(path)
+        self._exc = kdumpfile.exceptions
+        # machine-physical reads go straight to the file; KDUMP_KPHYSADDR would first
+        # make libkdumpfile set up its own address translation, which this module
+        # does not use (and which fails on layouts it does not recognise).  Outside
+        # Xen, machine-physical and physical addresses are the same.
+        self._PHYS = kdumpfile.KDUMP_MACHPHYSADDR
+        self._elf: ElfCore | None = None
+        try:
+            self._open(kdumpfile)
+            self._load_meta()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------
+    def _open(self, kdumpfile) -> None:
+        path = self.path
+        try:
+            self._k = kdumpfile.kdumpfile(path)
+            return
+        except self._exc.NotImplementedException as e:
+            if self.kind != "flattened":
+                raise InspectError(f"{path}: libkdumpfile cannot read this dump ({e})",
+                                   "pass a kdump-compressed dump, an ELF vmcore, "
+                                   "/proc/kcore or a snapshot") from None
+        except self._exc.KDumpBaseException as e:
+            raise InspectError(f"{path}: libkdumpfile cannot read this dump ({e})",
+                               "the file is damaged or truncated; capture it again") from None
+        # A library older than 0.5.5 does not know the flattened stream: put the
+        # records back where they belong (makedumpfile -R), in an unlinked file.
+        self._tmp = _reassemble_flattened(path)
+        self.reassembled = True
+        try:
+            self._k = kdumpfile.kdumpfile(f"/proc/self/fd/{self._tmp.fileno()}")
+        except self._exc.KDumpBaseException as e:
+            raise InspectError(f"{path}: the flattened dump, put back in place, is not a "
+                               f"dump libkdumpfile can read ({e})",
+                               "the file is damaged or truncated; capture it again") from None
+
+    def _attr(self, key: str, default=None):
+        try:
+            return self._k.attr[key]
+        except (KeyError, self._exc.KDumpBaseException):
+            return default
+
+    def _load_meta(self) -> None:
+        self.format = self._attr("file.format", "?")
+        self.description = self._attr("file.description", "")
+        raw = self._attr("linux.vmcoreinfo.raw")
+        raw_bytes = bytes(raw) if raw is not None else b""
+        if not raw_bytes and self.kind == "elf":
+            # libkdumpfile keeps the ELF note; read it the way elfcore does
+            self._elf = ElfCore(self.path)
+            note = self._elf.note("VMCOREINFO")
+            raw_bytes = note.desc if note is not None else b""
+        self.vmcoreinfo = parse_vmcoreinfo(raw_bytes) if raw_bytes else {}
+        if raw_bytes:
+            self.notes.append(Note("VMCOREINFO", 0, raw_bytes))
+        if self.kind == "elf" and self._elf is None:
+            self._elf = ElfCore(self.path)
+        if self._elf is not None:
+            self.notes.extend(n for n in self._elf.notes if n.name != "VMCOREINFO")
+        self.max_pfn = int(self._attr("max_pfn", 0) or 0)
+        try:
+            self.file_size = os.stat(self.path).st_size
+        except OSError:
+            self.file_size = 0
+        self._file_map = self._attr("file.pagemap")
+        self._mem_map = self._attr("memory.pagemap")
+
+    # -- the ElfCore surface ---------------------------------------------------
+    def note(self, name: str) -> Note | None:
+        for n in self.notes:
+            if n.name == name:
+                return n
+        return None
+
+    def read_vaddr(self, addr: int, size: int) -> bytes | None:
+        return None                       # physical memory only
+
+    def read_paddr(self, paddr: int, size: int) -> bytes | None:
+        """Bytes at a physical address, or None when the dump lacks any of them."""
+        out = bytearray()
+        addr = paddr
+        end = paddr + size
+        while addr < end:
+            n = min(end, (addr & PAGE_MASK) + PAGE_SIZE) - addr
+            try:
+                data = self._k.read(self._PHYS, addr, n)
+            except (self._exc.KDumpBaseException, OverflowError):
+                return None
+            self.reads += 1
+            self.bytes_read += n
+            out += data
+            addr += n
+        return bytes(out)
+
+    def page_state(self, paddr: int) -> str:
+        """``"present"``, ``"filtered"`` (RAM the dump did not save) or
+        ``"absent"`` (not RAM as far as the dump knows)."""
+        pfn = paddr >> 12
+        if self.max_pfn and pfn >= self.max_pfn:
+            return "absent"
+        if _bit(self._file_map, pfn):
+            return "present"
+        if self._mem_map is None or _bit(self._mem_map, pfn):
+            return "filtered"
+        return "absent"
+
+    def uts(self) -> dict[str, str]:
+        """The diskdump header's utsname: makedumpfile fills it from the kernel,
+        QEMU's dump-guest-memory leaves all but ``machine`` empty."""
+        if self.kind not in ("diskdump", "flattened"):
+            return {}
+        fh = self._tmp if self._tmp is not None else None
+        try:
+            if fh is not None:
+                head = os.pread(fh.fileno(), UTS_OFFSET + 6 * UTS_FIELD, 0)
+            else:
+                with open(self.path, "rb") as f:
+                    head = f.read(UTS_OFFSET + 6 * UTS_FIELD)
+        except OSError:
+            return {}
+        names = ("sysname", "nodename", "release", "version", "machine", "domainname")
+        return {n: head[UTS_OFFSET + i * UTS_FIELD:UTS_OFFSET + (i + 1) * UTS_FIELD]
+                .split(b"\0", 1)[0].decode("latin-1") for i, n in enumerate(names)}
+
+    def written_by_qemu(self) -> bool:
+        """QEMU's dump-guest-memory: "QEMU" notes in an ELF dump; in a
+        kdump-compressed one, a utsname with nothing but ``machine``."""
+        if any(n.name == "QEMU" for n in self.notes):
+            return True
+        uts = self.uts()
+        return bool(uts) and not uts.get("sysname") and not uts.get("release") \
+            and bool(uts.get("machine"))
+
+    def registers(self) -> list[CpuRegisters]:
+        """Every CPU's saved registers, in the dump's note order (libkdumpfile's
+        ``cpu.N.reg.*`` attributes, parsed from the NT_PRSTATUS notes of an ELF dump
+        or of a kdump-compressed header's note section)."""
+        out: list[CpuRegisters] = []
+        count = int(self._attr("cpu.number", 0) or 0)
+        for i in range(min(count, 8192)):
+            regs: dict[str, int] = {}
+            for name in REGISTER_NAMES:
+                v = self._attr(f"cpu.{i}.reg.{name}")
+                if v is not None:
+                    regs[name] = int(v)
+            pid = self._attr(f"cpu.{i}.pid")
+            out.append(CpuRegisters(i, None if pid is None else int(pid), regs))
+        return out
+
+    def close(self) -> None:
+        self._k = None
+        if self._elf is not None:
+            self._elf.close()
+            self._elf = None
+        if self._tmp is not None:
+            self._tmp.close()
+            self._tmp = None
+
+    def __enter__(self) -> "DumpCore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _bit(bmp, pfn: int) -> bool:
+    if bmp is None:
+        return False
+    try:
+        return bool(bmp.get_bits(pfn, pfn)[0] & 1)
+    except Exception:                     # out of the bitmap's range
+        return False
+
+
+def _check_file(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InspectError(f"{path} does not exist", "check the --core path") from None
+    except OSError as e:
+        raise InspectError(f"cannot stat {path}: {e.strerror}", "check the --core path") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InspectError(f"{path} is not a regular file", "pass a dump file with --core")
+    if not os.access(path, os.R_OK):
+        raise InspectError(f"permission denied reading {path}",
+                           "make the dump readable (kdump-tools saves it root-only), "
+                           "or run as root")
+    kind = sniff(path)
+    if kind is None:
+        raise InspectError(f"{path} is not a crash dump or core (no ELF, KDUMP or "
+                           "makedumpfile signature)",
+                           "pass a kdump vmcore, /proc/kcore or an espfix-inspect snapshot")
+    return kind
+
+
+def _reassemble_flattened(path: str):
+    """makedumpfile -R in-process: the flattened records of *path* written at
+    their offsets into an unlinked temporary file (returned open)."""
+    src = open(path, "rb")
+    out = tempfile.TemporaryFile(prefix="espfix-inspect-flat-")
+    try:
+        size = os.fstat(src.fileno()).st_size
+        head = src.read(FLAT_HEADER_SIZE)
+        if len(head) < 32 or head[:16] != FLAT_SIGNATURE:
+            raise InspectError(f"{path} is not a flattened dump", "capture it again")
+        ftype, version = struct.unpack_from(">qq", head, 16)
+        if ftype != 1 or version != 1:
+            raise InspectError(f"{path}: flattened dump of type {ftype} version {version}, "
+                               "not the makedumpfile 1/1 stream",
+                               "reassemble it with makedumpfile -R, then pass the result")
+        pos = FLAT_HEADER_SIZE
+        while True:
+            rec = src.read(16)
+            if len(rec) < 16:
+                raise InspectError(f"{path} is truncated: the flattened stream ends at byte "
+                                   f"{pos:#x} without its end record",
+                                   "copy or capture the whole dump again")
+            off, n = struct.unpack(">qq", rec)
+            pos += 16
+            if off == -1:
+                break
+            if off < 0 or n <= 0 or n > MAX_FLAT_RECORD or pos + n > size:
+                raise InspectError(f"{path}: damaged flattened record at byte {pos - 16:#x} "
+                                   f"(offset {off}, size {n})", "capture the dump again")
+            out.seek(off)
+            left = n
+            while left:
+                chunk = src.read(min(left, 1 << 20))
+                if not chunk:
+                    raise InspectError(f"{path} is truncated inside a flattened record",
+                                       "copy or capture the whole dump again")
+                out.write(chunk)
+                left -= len(chunk)
+            pos += n
+        out.flush()
+        return out
+    except OSError as e:
+        out.close()
+        raise InspectError(f"cannot put the flattened dump {path} back in place: "
+                           f"{e.strerror or e}",
+                           "free space in $TMPDIR, or run makedumpfile -R yourself") from None
+    except BaseException:
+        out.close()
+        raise
+    finally:
+        src.close()
+
+
+class DumpMemory(CoreMemory):
+    """:class:`~inspector.memory.CoreMemory` over a :class:`DumpCore`: a page the
+    dump filtered out raises :class:`~inspector.errors.PageFiltered`."""
+
+    def __init__(self, core: DumpCore, zero_only: bool = True) -> None:
+        super().__init__(core)          # type: ignore[arg-type]
+        self.dump = core
+        self.filtered: dict[int, str] = {}
+
+    def _missing(self, paddr: int) -> InspectError:
+        base = paddr & PAGE_MASK
+        state = self.dump.page_state(base)
+        if state == "filtered":
+            self.filtered[base] = state
+            return PageFiltered(f"physical page {base:#x} was filtered out of "
+                                f"{self.dump.path} (makedumpfile -d drops zero, cache, user "
+                                "and free pages)",
+                                "take the dump with makedumpfile -d 0 to keep every page",
+                                paddr=base)
+        return InspectError(f"physical page {base:#x} is not in {self.dump.path} (not RAM "
+                            "in this dump)", "the dump lacks that memory; capture a complete "
+                            "dump")
+
+    def phys_page(self, paddr: int) -> bytes:
+        base = paddr & PAGE_MASK
+        page = self._pages.get(base)
+        if page is None:
+            data = self.dump.read_paddr(base, PAGE_SIZE)
+            if data is None:
+                raise self._missing(base)
+            self._pages[base] = page = data
+            self.stats.pages_read += 1
+            self.stats.page_fetches[base >> 12] += 1
+        return page
+
+    def read_phys(self, paddr: int, size: int) -> bytes:
+        off = paddr & (PAGE_SIZE - 1)
+        if off + size <= PAGE_SIZE and (paddr & PAGE_MASK) in self._pages:
+            return self._pages[paddr & PAGE_MASK][off:off + size]
+        self.stats.small_reads += 1
+        data = self.dump.read_paddr(paddr, size)
+        if data is None:
+            raise self._missing(paddr)
+        return data
