@@ -248,6 +248,10 @@ class DumpCore:
         end = paddr + size
         while addr < end:
             n = min(end, (addr & PAGE_MASK) + PAGE_SIZE) - addr
+            if self._file_map is not None and not _bit(self._file_map, addr >> 12):
+                # not saved in the file (libkdumpfile 0.5.1 reads a hole between two
+                # ELF PT_LOADs as zeros; its file page map says the truth)
+                return None
             try:
                 data = self._k.read(self._PHYS, addr, n)
             except (self._exc.KDumpBaseException, OverflowError):
@@ -262,10 +266,17 @@ class DumpCore:
         """``"present"``, ``"filtered"`` (RAM the dump did not save) or
         ``"absent"`` (not RAM as far as the dump knows)."""
         pfn = paddr >> 12
-        if self.max_pfn and pfn >= self.max_pfn:
-            return "absent"
         if _bit(self._file_map, pfn):
             return "present"
+        if self.kind == "elf":
+            # An ELF vmcore has no RAM bitmap: makedumpfile -E ends a PT_LOAD's file
+            # data early (p_memsz > p_filesz) or starts a new PT_LOAD after 256 or
+            # more excluded pages.  The pages asked for here are the ones the kernel
+            # itself points at (page tables, espfix_pages[]), so they are RAM: missing
+            # means filtered.
+            return "filtered"
+        if self.max_pfn and pfn >= self.max_pfn:
+            return "absent"
         if self._mem_map is None or _bit(self._mem_map, pfn):
             return "filtered"
         return "absent"

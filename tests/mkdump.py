@@ -126,6 +126,8 @@ def add_kallsyms(k: SynthKernel, form: str = "absolute-percpu", big_name: bool =
         else:
             put(va["kallsyms_offsets"], struct.pack(
                 f"<{n}i", *[a if a < START_KERNEL_MAP else rel - 1 - a for a in addrs]))
+    for name, v in va.items():                    # in the symbol files too, as in real ones
+        k.syms[name], k.types[name] = v, "D"
     keys = ("kallsyms_names", "kallsyms_num_syms", "kallsyms_token_table",
             "kallsyms_token_index", "kallsyms_offsets", "kallsyms_relative_base",
             "kallsyms_addresses")
