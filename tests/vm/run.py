@@ -55,6 +55,7 @@ class VMOptions:
     mem_mb: int | None = None                # instead of the variant's -m
     share_files: Mapping[str, Path] = dataclasses.field(default_factory=dict)
     qmp: bool = False                        # QMP socket + host request watcher
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)   # more guest env
     collect: Callable[[Path], Any] | None = None   # called with the share dir at the end
 
 
@@ -121,6 +122,7 @@ def _prepare_share(share: Path, kernel: str, variant: Variant, command: str,
         "ESPFIX_VM_MEM_MB": str(opts.mem_mb or variant.mem_mb),
         "ESPFIX_VM_HOST_REQUESTS": "1" if opts.qmp else "0",
         "ESPFIX_VM_QEMU_EXTRA": " ".join(opts.qemu_args),
+        **opts.env,
     }
     (share / "env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
     (share / "out").mkdir()

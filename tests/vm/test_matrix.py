@@ -2,27 +2,55 @@
 
 Selected only with ESPFIX_VM=1 or `-m vm`; ESPFIX_VM_ROWS=bookworm:l5,sid narrows the rows;
 ESPFIX_VM_TIMEOUT (seconds, default 900) bounds each VM run.
+
+The rows in DUMP_ROWS also get a QMP monitor and `-device vmcoreinfo`: their guest suite
+(tests/guest/test_dump_live.py) asks the hypervisor for dumps after `exercise`, and the
+host reads them with nothing but the dump before the share is removed
+(tests/vm/dumpcheck.py).  ESPFIX_VM_DUMPS=0 turns that off.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
+from .dumpcheck import check_share
 from .kernels import matrix, parse_rows
-from .run import VMError, run_in_vm
+from .run import VMError, VMOptions, run_in_vm
 
 GUEST_PYTEST = "python3 -m pytest -q -rs -p no:cacheprovider tests/guest"
 ROWS = parse_rows(os.environ["ESPFIX_VM_ROWS"]) if os.environ.get("ESPFIX_VM_ROWS") \
     else matrix()
+#: (kernel, variant) -> (QEMU dump-guest-memory formats, memory for that boot in MiB,
+#: also dump before qemu_fw_cfg is loaded).  A 2 GiB guest makes a 2.1 GB ELF dump, so
+#: the ELF row boots with 1 GiB; kdump-compressed dumps are 60-80 MB.
+DUMP_ROWS: dict[tuple[str, str], tuple[tuple[str, ...], int | None, bool]] = {
+    ("bookworm", "l5"): (("kdump-zlib",), None, True),
+    ("sid", "l5"): (("kdump-zlib", "elf"), 1024, False),
+}
+
+
+def dump_options(kernel: str, variant: str) -> VMOptions | None:
+    if os.environ.get("ESPFIX_VM_DUMPS") == "0" or (kernel, variant) not in DUMP_ROWS:
+        return None
+    formats, mem, novmci = DUMP_ROWS[(kernel, variant)]
+    if os.environ.get("ESPFIX_VM_DUMP_FORMATS"):
+        formats = tuple(os.environ["ESPFIX_VM_DUMP_FORMATS"].split(","))
+    expect = [f"qemu.{f}" for f in formats]
+    return VMOptions(qemu_args=("-device", "vmcoreinfo"), mem_mb=mem, qmp=True,
+                     env={"ESPFIX_VM_DUMP_FORMATS": ",".join(formats),
+                          "ESPFIX_VM_DUMP_NOVMCI": "1" if novmci else "0"},
+                     collect=lambda share: check_share(share, expect, novmci=novmci))
 
 
 @pytest.mark.vm
 @pytest.mark.parametrize(("kernel", "variant"), ROWS, ids=[f"{k}-{v}" for k, v in ROWS])
 def test_guest_suite(kernel: str, variant: str) -> None:
     timeout = float(os.environ.get("ESPFIX_VM_TIMEOUT", "900"))
+    opts = dump_options(kernel, variant)
     try:
-        res = run_in_vm(kernel, variant, GUEST_PYTEST, timeout)
+        res = run_in_vm(kernel, variant, GUEST_PYTEST, timeout, options=opts)
     except VMError as e:
         pytest.fail(str(e), pytrace=False)
     print(f"{kernel}:{variant}: {res.describe()}\n{res.stdout}{res.stderr}")
@@ -32,3 +60,9 @@ def test_guest_suite(kernel: str, variant: str) -> None:
                     f"--- guest stderr ---\n{res.stderr}"
                     f"--- serial log (tail) ---\n"
                     + "\n".join(res.serial_log.splitlines()[-30:]), pytrace=False)
+    if opts is not None:
+        report = res.collected
+        print(f"dumps on the host: {json.dumps(report, indent=1)}")
+        if report["problems"]:
+            pytest.fail(f"{kernel}:{variant} dumps: " + "\n".join(report["problems"]),
+                        pytrace=False)
