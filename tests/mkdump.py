@@ -157,23 +157,35 @@ def _pages(k: SynthKernel) -> dict[int, bytes]:
 def write_elf_vmcore(k: SynthKernel, path: str, vmcoreinfo: str,
                      registers: list[dict[str, int]] = (), drop: set[int] = frozenset(),
                      qemu_notes: bool = False) -> None:
-    """An ELF vmcore of physical memory; pages in *drop* left out (filtered)."""
+    """An ELF vmcore of physical memory; pages in *drop* left out (filtered).
+
+    Like /proc/vmcore, the kernel image's ``PT_LOAD``s carry their virtual addresses
+    and RAM its direct-map ones (kexec-tools' elfcorehdr); with *qemu_notes* every
+    ``p_vaddr`` is 0, as in QEMU's dump without paging."""
     pages = _pages(k)
+    img_pa = k.pa_symbol(k.text)
+
+    def vaddr(pa: int) -> int:
+        if qemu_notes:
+            return 0
+        if img_pa <= pa < img_pa + len(k.image):
+            return k.text + (pa - img_pa)
+        return (k.pob + pa) & MASK64
     segs: list[LoadSegment] = []
     run: list[bytes] = []
     start = prev = None
     for pa in sorted(pages):
         if pa in drop:
             continue
-        if prev is not None and pa != prev + PAGE:
-            segs.append(LoadSegment(0, b"".join(run), start))
+        if prev is not None and (pa != prev + PAGE or vaddr(pa) != vaddr(prev) + PAGE):
+            segs.append(LoadSegment(vaddr(start), b"".join(run), start))
             run, start = [], None
         if start is None:
             start = pa
         run.append(pages[pa])
         prev = pa
     if run:
-        segs.append(LoadSegment(0, b"".join(run), start))
+        segs.append(LoadSegment(vaddr(start), b"".join(run), start))
     notes = [NoteEntry("CORE", 1, prstatus(r, i + 1)) for i, r in enumerate(registers)]
     if qemu_notes:
         notes += [NoteEntry("QEMU", 0, bytes(464)) for _ in registers]

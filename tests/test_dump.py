@@ -304,3 +304,39 @@ def test_crash_notes_in_memory_win_over_note_order(tmp_path, capsys):
     assert [crash[c]["pid"] for c in range(4)] == [100, 101, 102, 103]
     assert crash[3]["rip_espfix"] == "espfix return path"
     assert crash[3]["rip_symbol"] == "native_irq_return_ldt+0x10"
+
+
+# -- drgn as a peer ----------------------------------------------------------------------
+
+def _drgn_python() -> str | None:
+    for py in (sys.executable, "/usr/bin/python3"):
+        if os.path.exists(py) and subprocess.run([py, "-c", "import drgn"],
+                                                 capture_output=True).returncode == 0:
+            return py
+    return None
+
+
+@needs_kdumpfile
+@pytest.mark.skipif(_drgn_python() is None, reason="drgn is not importable (Debian: "
+                    "python3-drgn, for /usr/bin/python3)")
+@pytest.mark.parametrize("levels", [4, 5])
+def test_drgn_reads_the_same_ministack_frames(levels, tmp_path, capsys):
+    """drgn walks the dump's page tables itself (swapper_pg_dir from VMCOREINFO) to the
+    espfix alias addresses; its bytes must be the frames stacks reports."""
+    k = _kernel(levels=levels, frames={0: FRAME, 3: (1, 2, 0x33, 0x202, 0x7FFE0000, 0x7)})
+    lines = add_kallsyms(k, "absolute-percpu", extra=_entry(k))
+    vmci = k.vmcoreinfo_text() + lines + f"SYMBOL(swapper_pg_dir)={k.syms['init_top_pgt']:x}\n"
+    dump = str(tmp_path / "drgn.elf")
+    write_elf_vmcore(k, dump, vmci, [{}] * 4)
+    rc, out, _ = _run(capsys, "stacks", "--core", dump, "--json")
+    rows = [c for c in json.loads(out)["cpus"] if c["frame"]]
+    assert rc == 0 and [r["cpu"] for r in rows] == [0, 3]
+    from tests.vm.dumpcheck import DRGN_FRAMES
+    want = {str(r["cpu"]): r["espfix_stack"] for r in rows}
+    proc = subprocess.run([_drgn_python(), "-c", DRGN_FRAMES, dump, json.dumps(want)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)["frames"]
+    for r in rows:
+        assert got[str(r["cpu"])] == [r["frame"][w] for w in
+                                      ("rax", "rip", "cs", "rflags", "rsp", "ss")]

@@ -153,8 +153,21 @@ def check_drgn(dump: Path, sdoc: dict) -> tuple[list[str], str]:
     if py is None:
         return [], "drgn not importable here: skipped"
     want = {str(c["cpu"]): c["espfix_stack"] for c in sdoc["cpus"] if c["frame"]}
-    proc = subprocess.run([py, "-c", DRGN_FRAMES, str(dump), json.dumps(want)],
-                          capture_output=True, text=True)
+    from inspector.kdump import _reassemble_flattened, sniff
+    flat = None
+    path = str(dump)
+    if sniff(path) == "flattened":
+        # drgn opens kdump files through the same libkdumpfile, which reads the
+        # flattened stream natively only from 0.5.5: give it the reassembled file
+        flat = _reassemble_flattened(path)
+        path = f"/proc/{os.getpid()}/fd/{flat.fileno()}"
+    try:
+        proc = subprocess.run([py, "-c", DRGN_FRAMES, path, json.dumps(want)],
+                              capture_output=True, text=True, pass_fds=(flat.fileno(),)
+                              if flat is not None else ())
+    finally:
+        if flat is not None:
+            flat.close()
     if proc.returncode != 0:
         return [f"drgn could not read {dump.name}: {proc.stderr.strip()[-400:]}"], "failed"
     doc = json.loads(proc.stdout)

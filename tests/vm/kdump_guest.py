@@ -106,6 +106,11 @@ def capture_kernel() -> int:
                    "report": (proc.stdout + proc.stderr)[-3000:],
                    "bytes": (DUMPS / name).stat().st_size if (DUMPS / name).exists() else 0})
         status |= proc.returncode
+    if os.environ.get("ESPFIX_VM_KDUMP_RAW") == "1":      # /proc/vmcore copied raw
+        t0 = time.monotonic()
+        shutil.copyfile("/proc/vmcore", DUMPS / "vmcore.raw")
+        log("vmcore.raw", {"seconds": round(time.monotonic() - t0, 2),
+                           "bytes": (DUMPS / "vmcore.raw").stat().st_size})
     return status
 
 

@@ -22,17 +22,30 @@ from .run import VMError, VMOptions, run_in_vm
 GUEST_PYTEST = "python3 -m pytest -q -rs -p no:cacheprovider tests/guest"
 ROWS = parse_rows(os.environ["ESPFIX_VM_ROWS"]) if os.environ.get("ESPFIX_VM_ROWS") \
     else matrix()
-#: (kernel, variant) -> (QEMU dump-guest-memory formats, memory for that boot in MiB,
-#: also dump before qemu_fw_cfg is loaded).  A 2 GiB guest makes a 2.1 GB ELF dump, so
-#: the ELF row boots with 1 GiB; kdump-compressed dumps are 60-80 MB.
+#: (kernel, variant) -> (QEMU dump-guest-memory formats, memory for that boot in MiB or
+#: None for the variant's, also dump before qemu_fw_cfg is loaded).  kdump-compressed
+#: dumps of these 2 GiB guests are 60-80 MB; the ELF one is all of RAM (2.1 GB), written
+#: to /tmp and removed with the share right after the checks.
 DUMP_ROWS: dict[tuple[str, str], tuple[tuple[str, ...], int | None, bool]] = {
     ("bookworm", "l5"): (("kdump-zlib",), None, True),
-    ("sid", "l5"): (("kdump-zlib", "elf"), 1024, False),
+    ("sid", "l5"): (("kdump-zlib", "elf"), None, False),
 }
 
 
+def _host_reads_dumps() -> str | None:
+    """Why this interpreter cannot read dumps, or None."""
+    try:
+        import kdumpfile  # noqa: F401
+    except ImportError:
+        import sys
+        return (f"{sys.executable} cannot import kdumpfile (Debian python3-libkdumpfile "
+                "is built for /usr/bin/python3 only: make .venv from it)")
+    return None
+
+
 def dump_options(kernel: str, variant: str) -> VMOptions | None:
-    if os.environ.get("ESPFIX_VM_DUMPS") == "0" or (kernel, variant) not in DUMP_ROWS:
+    if os.environ.get("ESPFIX_VM_DUMPS") == "0" or (kernel, variant) not in DUMP_ROWS \
+            or _host_reads_dumps() is not None:
         return None
     formats, mem, novmci = DUMP_ROWS[(kernel, variant)]
     if os.environ.get("ESPFIX_VM_DUMP_FORMATS"):
@@ -60,6 +73,9 @@ def test_guest_suite(kernel: str, variant: str) -> None:
                     f"--- guest stderr ---\n{res.stderr}"
                     f"--- serial log (tail) ---\n"
                     + "\n".join(res.serial_log.splitlines()[-30:]), pytrace=False)
+    if opts is None and (kernel, variant) in DUMP_ROWS and _host_reads_dumps():
+        pytest.skip(f"guest suite passed; the dump checks of this row did not run: "
+                    f"{_host_reads_dumps()}")
     if opts is not None:
         report = res.collected
         print(f"dumps on the host: {json.dumps(report, indent=1)}")
