@@ -42,6 +42,20 @@ class DumpTarget(Target):
         return self.core            # type: ignore[return-value]
 
 
+#: makedumpfile -d bits (makedumpfile.h DL_EXCLUDE_*)
+DUMP_LEVEL_BITS = ((1, "zero"), (2, "cache"), (4, "cache private"), (8, "user"), (16, "free"))
+
+
+def _describe(core: DumpCore) -> str:
+    what = f"dump: {core.description or core.format}"
+    if core.written_by_qemu():
+        what += ", written by QEMU's dump-guest-memory"
+    if core.dump_level is not None and core.dump_level and not core.written_by_qemu():
+        kinds = [n for b, n in DUMP_LEVEL_BITS if core.dump_level & b]
+        what += f", makedumpfile dump level {core.dump_level} ({', '.join(kinds)} pages left out)"
+    return what
+
+
 def _no_vmcoreinfo(core: DumpCore) -> InspectError:
     if core.written_by_qemu():
         return InspectError(
@@ -104,7 +118,7 @@ def open_dump_target(path: str, symbols_path: str | None = None, wrap=None) -> D
             raise _no_vmcoreinfo(core)
         base = DumpMemory(core)
         mem: MemorySource = wrap(base) if wrap is not None else base
-        notes: list[str] = []
+        notes: list[str] = [_describe(core)]
         if core.reassembled:
             notes.append("dump: flattened (makedumpfile -F / QEMU before 8.2) stream put "
                          "back in place in a temporary file (this libkdumpfile predates "

@@ -45,7 +45,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from .elfcore import NO_PADDR, ElfCore, Note, parse_vmcoreinfo
+from .elfcore import NO_PADDR, ElfCore, Note, parse_notes, parse_vmcoreinfo
 from .errors import InspectError, PageFiltered
 from .memory import PAGE_MASK, PAGE_SIZE, CoreMemory
 
@@ -70,6 +70,8 @@ REGISTER_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", 
 
 #: Dump files are parsed by a C library: refuse absurd flattened streams early.
 MAX_FLAT_RECORD = 1 << 40
+#: An NT_PRSTATUS is 336 bytes plus headers; 8192 CPUs fit in 4 MiB.
+MAX_NOTES = 16 << 20
 
 
 def import_kdumpfile(path: str):
@@ -158,6 +160,7 @@ class DumpCore:
         self.segments: list = []          # no virtual segments: physical memory only
         self.notes: list[Note] = []
         self.reassembled = False          # a flattened stream put back in place
+        self.dump_level: int | None = None   # makedumpfile -d, kdump-compressed only
         self._tmp = None
         self.kind = _check_file(path)
         kdumpfile = import_kdumpfile(path)
@@ -223,6 +226,8 @@ class DumpCore:
             self._elf = ElfCore(self.path)
         if self._elf is not None:
             self.notes.extend(n for n in self._elf.notes if n.name != "VMCOREINFO")
+        else:
+            self.notes.extend(n for n in self._diskdump_notes() if n.name != "VMCOREINFO")
         self.max_pfn = int(self._attr("max_pfn", 0) or 0)
         try:
             self.file_size = os.stat(self.path).st_size
@@ -230,6 +235,38 @@ class DumpCore:
             self.file_size = 0
         self._file_map = self._attr("file.pagemap")
         self._mem_map = self._attr("memory.pagemap")
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        if self._tmp is not None:
+            return os.pread(self._tmp.fileno(), size, offset)
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), size, offset)
+
+    def _diskdump_notes(self) -> list[Note]:
+        """The ELF notes a kdump-compressed header carries (header version 4 and
+        later: ``kdump_sub_header.offset_note/size_note``, makedumpfile's
+        diskdump_mod.h).  libkdumpfile 0.5.1 turns them into ``cpu.N.reg.*`` only
+        when it knows the architecture from the header's utsname, which QEMU leaves
+        empty but for ``machine``; so they are read here, bounded, and parsed like
+        any ELF note section."""
+        try:
+            head = self._pread(432, 0)
+            version, = struct.unpack_from("<i", head, 8)
+            block, = struct.unpack_from("<i", head, 428)
+            if version < 4 or not 512 <= block <= 1 << 20:
+                return []
+            sub = self._pread(64, block)
+            self.dump_level, = struct.unpack_from("<i", sub, 8)
+            off, size = struct.unpack_from("<QQ", sub, 48)
+            if not 0 < size <= MAX_NOTES or off < block or off + size > self._file_end():
+                return []
+            return parse_notes(self._pread(size, off))
+        except (OSError, struct.error):
+            return []
+
+    def _file_end(self) -> int:
+        fh = self._tmp
+        return os.fstat(fh.fileno()).st_size if fh is not None else os.stat(self.path).st_size
 
     # -- the ElfCore surface ---------------------------------------------------
     def note(self, name: str) -> Note | None:
@@ -309,10 +346,17 @@ class DumpCore:
             and bool(uts.get("machine"))
 
     def registers(self) -> list[CpuRegisters]:
-        """Every CPU's saved registers, in the dump's note order (libkdumpfile's
-        ``cpu.N.reg.*`` attributes, parsed from the NT_PRSTATUS notes of an ELF dump
-        or of a kdump-compressed header's note section)."""
+        """Every CPU's saved registers, in the dump's note order: the NT_PRSTATUS
+        notes of an ELF dump or of a kdump-compressed header's note section, else
+        libkdumpfile's ``cpu.N.reg.*`` attributes."""
         out: list[CpuRegisters] = []
+        prstatus = [n for n in self.notes if n.name == "CORE" and n.type == 1]
+        for i, n in enumerate(prstatus):
+            r = parse_prstatus(n.desc, i)
+            if r is not None:
+                out.append(r)
+        if out:
+            return out
         count = int(self._attr("cpu.number", 0) or 0)
         for i in range(min(count, 8192)):
             regs: dict[str, int] = {}

@@ -65,3 +65,15 @@ def test_hypervisor_dumps_after_exercise():
     assert json.loads(after.stdout)["cpus"] == \
         json.loads((DUMPS / "live-stacks.json").read_text())["cpus"]
     (DUMPS / "guest-timings.json").write_text(json.dumps(timings))
+    # drgn, where this guest has it, reads the same dumps (the host compares)
+    if subprocess.run([sys.executable, "-c", "import drgn"]).returncode == 0:
+        from tests.vm.dumpcheck import DRGN_FRAMES
+        live = json.loads((DUMPS / "live-stacks.json").read_text())
+        want = {str(c["cpu"]): c["espfix_stack"] for c in live["cpus"] if c["frame"]}
+        results = {}
+        for name in timings:
+            if name.startswith("qemu."):
+                p = subprocess.run([sys.executable, "-c", DRGN_FRAMES, str(DUMPS / name),
+                                    json.dumps(want)], capture_output=True, text=True)
+                results[name] = {"rc": p.returncode, "out": p.stdout, "err": p.stderr[-2000:]}
+        (DUMPS / "guest-drgn.json").write_text(json.dumps(results))
