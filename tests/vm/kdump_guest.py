@@ -71,9 +71,14 @@ def first_kernel() -> int:
     sysctl = Path("/etc/kdump/sysctl.conf")
     if sysctl.exists():        # else kdump-config drops the initrd and runs mkinitramfs
         shutil.copyfile(sysctl, kdir / f"latest_sysctls-{kver}")
-    Path("/etc/default/kdump-tools").write_text(
-        "USE_KDUMP=1\nKDUMP_COREDIR=/var/crash\n"
-        'KDUMP_CMDLINE_APPEND="reset_devices nr_cpus=1 irqpoll usbcore.nousb"\n')
+    # the package's own defaults file (KDUMP_KERNEL=/var/lib/kdump/vmlinuz,
+    # KDUMP_INITRD=/var/lib/kdump/initrd.img, ...) with kdump switched on
+    defaults = Path("/etc/default/kdump-tools")
+    text = defaults.read_text() if defaults.exists() else ""
+    lines = [ln for ln in text.splitlines() if not ln.startswith("USE_KDUMP=")]
+    defaults.write_text("\n".join(lines + ["USE_KDUMP=1"]) + "\n")
+    log("defaults", [ln for ln in defaults.read_text().splitlines()
+                     if ln and not ln.startswith("#")])
     t0 = time.monotonic()
     load = sh("kdump-config", "load")
     loaded = Path("/sys/kernel/kexec_crash_loaded").read_text().strip()
