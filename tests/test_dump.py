@@ -217,7 +217,8 @@ def test_missing_libkdumpfile_is_one_line(tmp_path):
     code = ("import sys; sys.modules['kdumpfile'] = None; from inspector.cli import main; "
             f"sys.exit(main(['validate', '--core', {path!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": ROOT})
+                          text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              filter(None, (ROOT, os.environ.get("PYTHONPATH"))))})
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "needs libkdumpfile's Python module kdumpfile" in proc.stderr
