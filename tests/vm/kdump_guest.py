@@ -104,9 +104,26 @@ def capture_kernel() -> int:
                     "vmcore_bytes": os.stat("/proc/vmcore").st_size,
                     "makedumpfile": sh("makedumpfile", "-v").stdout.strip()})
     status = 0
-    for name, args in (("kdump.c-d31", ("-c", "-d", "31")), ("kdump.E-d31", ("-E", "-d", "31"))):
+    runs = [("kdump.c-d31", ("-c", "-d", "31")), ("kdump.E-d31", ("-E", "-d", "31"))]
+    if os.environ.get("ESPFIX_VM_KDUMP_EXTRA") == "1":
+        # the other compressions this makedumpfile was built with, and the flattened
+        # stream (-F writes to stdout)
+        features = sh("makedumpfile", "-v").stdout
+        runs.append(("kdump.l-d31", ("-l", "-d", "31")))
+        if "zstd\tenabled" in features:
+            runs.append(("kdump.z-d31", ("-z", "-d", "31")))
+        if "snappy\tenabled" in features:
+            runs.append(("kdump.p-d31", ("-p", "-d", "31")))
+        runs.append(("kdump.F-c-d31", ("-F", "-c", "-d", "31")))
+    for name, args in runs:
         t0 = time.monotonic()
-        proc = sh("makedumpfile", *args, "/proc/vmcore", str(DUMPS / name))
+        if "-F" in args:
+            with open(DUMPS / name, "wb") as out:
+                proc = subprocess.run(["makedumpfile", *args, "/proc/vmcore"], stdout=out,
+                                      stderr=subprocess.PIPE, text=True)
+            proc.stdout = ""
+        else:
+            proc = sh("makedumpfile", *args, "/proc/vmcore", str(DUMPS / name))
         log(name, {"rc": proc.returncode, "seconds": round(time.monotonic() - t0, 2),
                    "report": (proc.stdout + proc.stderr)[-3000:],
                    "bytes": (DUMPS / name).stat().st_size if (DUMPS / name).exists() else 0})

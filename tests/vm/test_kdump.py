@@ -24,14 +24,27 @@ from .kernels import parse_rows
 from .run import VMError, VMOptions, run_in_vm
 
 KDUMP_ROWS = [("bookworm", "l4"), ("sid", "l5")]
-ROWS = parse_rows(os.environ["ESPFIX_VM_KDUMP_ROWS"]) \
-    if os.environ.get("ESPFIX_VM_KDUMP_ROWS") else KDUMP_ROWS
+
+
+def _rows() -> list[tuple[str, str]]:
+    """ESPFIX_VM_KDUMP_ROWS, else KDUMP_ROWS of the kernels ESPFIX_VM_ROWS selects."""
+    if os.environ.get("ESPFIX_VM_KDUMP_ROWS"):
+        return parse_rows(os.environ["ESPFIX_VM_KDUMP_ROWS"])
+    if os.environ.get("ESPFIX_VM_ROWS"):
+        kernels = {k for k, _ in parse_rows(os.environ["ESPFIX_VM_ROWS"])}
+        return [r for r in KDUMP_ROWS if r[0] in kernels]
+    return KDUMP_ROWS
+
+
+ROWS = _rows()
 #: crashkernel= reserves the capture kernel's memory (Debian's kdump-tools suggests
 #: 384M-:128M... on larger machines; the capture kernel plus python3 fit in 256 MiB).
 CRASHKERNEL = "crashkernel=256M"
 DUMPS = ["kdump.c-d31", "kdump.E-d31"]
 #: ESPFIX_VM_KDUMP_RAW=1 also copies /proc/vmcore raw (all of RAM: 2 GB, not in CI)
 RAW = os.environ.get("ESPFIX_VM_KDUMP_RAW") == "1"
+#: ESPFIX_VM_KDUMP_EXTRA=1 also writes -l, -z / -p where makedumpfile has them, and -F
+EXTRA = os.environ.get("ESPFIX_VM_KDUMP_EXTRA") == "1"
 
 
 @pytest.mark.vm
@@ -42,12 +55,19 @@ def test_kdump_capture(kernel: str, variant: str) -> None:
 
     def collect(share):
         log = share / "dumps" / "kdump-log.json"
-        report = check_share(share, DUMPS + ["vmcore.raw"] * RAW) if (share / "dumps" / DUMPS[0]).exists() \
+        extra = []
+        if EXTRA and log.exists():
+            written = json.loads(log.read_text())
+            extra = [n for n in written if n.startswith("kdump.") and n not in DUMPS]
+            extra = ["kdump.l-d31", "kdump.F-c-d31"] + [
+                n for n in extra if n not in ("kdump.l-d31", "kdump.F-c-d31")]
+        report = check_share(share, DUMPS + extra + ["vmcore.raw"] * RAW) if (share / "dumps" / DUMPS[0]).exists() \
             else {"problems": ["no dump was written"], "timings": {}, "sizes": {}, "notes": []}
         report["kdump_log"] = json.loads(log.read_text()) if log.exists() else None
         return report
 
-    opts = VMOptions(cmdline=(CRASHKERNEL,), env={"ESPFIX_VM_KDUMP_RAW": "1" if RAW else "0"},
+    opts = VMOptions(cmdline=(CRASHKERNEL,), env={"ESPFIX_VM_KDUMP_RAW": "1" if RAW else "0",
+                                                  "ESPFIX_VM_KDUMP_EXTRA": "1" if EXTRA else "0"},
                      share_files={"kdump-initrd.img": image_for(kernel).initrd},
                      collect=collect)
     try:
@@ -63,7 +83,7 @@ def test_kdump_capture(kernel: str, variant: str) -> None:
     assert not report["problems"], "\n".join(report["problems"])
     log = report["kdump_log"]
     assert "capture" in log and log["capture"]["uname"] == log["first"]["uname"]
-    for name in DUMPS:
+    for name in report["crash"]:
         crash = report["crash"][name]
         # the kernel crashed: every CPU saved its registers in crash_notes, and the
         # panicking one (sysrq "c") was not in the espfix path
