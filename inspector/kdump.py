@@ -9,16 +9,18 @@ opened):
   (snappy), ``-z`` (zstd), and QEMU's ``dump-guest-memory -z/-l/-s``;
 - the *flattened* form of it (makedumpfile ``-F``, and every kdump-compressed
   dump QEMU wrote before 8.2): a stream of ``(offset, size, data)`` records
-  behind a ``makedumpfile`` header.  libkdumpfile reads it natively since 0.5.5
-  (``src/kdumpfile/flatmap.c``); with an older library the records are put
-  back in place in an unlinked temporary file first (what ``makedumpfile -R``
-  does), sparse, so that holes cost nothing;
+  behind a ``makedumpfile`` header.  Newer libkdumpfile reads it natively
+  (``src/kdumpfile/flatmap.c``, 2024; sid's does: drgn opened QEMU's flattened
+  dump with it in the guest); Debian bookworm's 0.5.1 answers "Unknown file
+  format", so the records are then put back in place in an unlinked temporary
+  file first (what ``makedumpfile -R`` does), sparse, so that holes cost nothing;
 - ELF vmcores: ``/proc/vmcore`` copied raw, ``makedumpfile -E``, QEMU's ELF
   ``dump-guest-memory``.  They are told apart from /proc/kcore-shaped cores
   (and espfix-inspect snapshots) by :func:`is_vmcore`.
 
 Why libkdumpfile and not a reader of our own: the diskdump format has four
-compressions (zstd, lzo and snappy need C libraries Python does not ship),
+compressions (lzo and snappy have no binding in Python's standard library, zstd
+only since 3.14),
 split and flattened variants, header versions 1 to 6 with fields added over
 time, and filtered-page bitmaps; libkdumpfile is the reader drgn's and crash's
 ecosystem already trusts (drgn opens every non-ELF dump with it), it is

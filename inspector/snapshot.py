@@ -20,7 +20,7 @@ from . import __version__
 from .audit import audit
 from .elfcore import NO_PADDR
 from .elfwrite import LoadSegment, NoteEntry, write_core
-from .errors import InspectError
+from .errors import InspectError, PageFiltered
 from .memory import RecordingMemory
 from .state import DIRECT_MAP_SIZE, EspfixState, load_state
 from .symbols import START_KERNEL_MAP
@@ -87,7 +87,10 @@ def take_snapshot(core: str, symbols: str | None, out: str) -> dict:
         state = load_state(target)
         result = audit(state)
         for cpu in state.cpus:
-            state.frame(cpu)
+            try:
+                state.frame(cpu)
+            except PageFiltered:        # a dump without that ministack page: nothing to keep
+                pass
         # the banner, so the symbols can be verified offline
         state.reader.read(target.symbols["linux_banner"], 256)
         segments = snapshot_segments(state, rec)

@@ -341,3 +341,13 @@ def test_drgn_reads_the_same_ministack_frames(levels, tmp_path, capsys):
     for r in rows:
         assert got[str(r["cpu"])] == [r["frame"][w] for w in
                                       ("rax", "rip", "cs", "rflags", "rsp", "ss")]
+
+
+@needs_kdumpfile
+def test_snapshot_of_a_dump_with_a_filtered_ministack_page(tmp_path, capsys):
+    k = _kernel(frames={})
+    k.alloc_page(0)
+    dump = _dump(k, tmp_path, "elf", drop={k.stack_pa[0]})
+    snap = str(tmp_path / "snap.core")
+    assert _run(capsys, "snapshot", "--core", dump, "-o", snap)[0] == 0
+    assert _run(capsys, "validate", "--core", snap)[0] == 0
