@@ -473,16 +473,14 @@ class DumpMemory(CoreMemory):
     """:class:`~inspector.memory.CoreMemory` over a :class:`DumpCore`: a page the
     dump filtered out raises :class:`~inspector.errors.PageFiltered`."""
 
-    def __init__(self, core: DumpCore, zero_only: bool = True) -> None:
+    def __init__(self, core: DumpCore) -> None:
         super().__init__(core)          # type: ignore[arg-type]
         self.dump = core
-        self.filtered: dict[int, str] = {}
 
     def _missing(self, paddr: int) -> InspectError:
         base = paddr & PAGE_MASK
         state = self.dump.page_state(base)
         if state == "filtered":
-            self.filtered[base] = state
             return PageFiltered(f"physical page {base:#x} was filtered out of "
                                 f"{self.dump.path} (makedumpfile -d drops zero, cache, user "
                                 "and free pages)",
