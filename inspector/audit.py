@@ -129,6 +129,57 @@ def _initialised(ctx: Context) -> list[int]:
     return ctx.initialised
 
 
+#: ``CONFIG_PHYSICAL_ALIGN`` is at least 2 MiB on x86-64 (arch/x86/Kconfig: "range
+#: 0x200000 0x1000000 if X86_64"); KASLR moves the image, and phys_base follows the
+#: load address, in multiples of it (arch/x86/boot/compressed/kaslr.c).
+PHYSICAL_ALIGN_MIN = 0x200000
+
+
+@check("cpu_masks")
+def check_cpu_masks(ctx: Context) -> Iterable[Finding]:
+    """The CPU masks agree with each other and with ``nr_cpu_ids``: online is a subset
+    of possible (``set_cpu_online()`` only marks possible CPUs), at least one CPU is
+    online (the one that wrote the state), and ``nr_cpu_ids`` is the last possible CPU
+    plus one (``setup_nr_cpu_ids()``, kernel/smp.c) with no mask bit at or above it.
+    A core that breaks these cannot be trusted for the per-CPU checks either."""
+    st = ctx.state
+    possible = set(st.possible)
+    stray = sorted(set(st.online) - possible)
+    if stray:
+        yield Finding("cpu_masks", "error", f"CPUs {format_cpu_list(stray)} are online but not "
+                      "possible: the CPU masks are corrupt (these CPUs are not checked)",
+                      None, {"cpus": format_cpu_list(stray)})
+    if not st.online:
+        yield Finding("cpu_masks", "error", "no CPU is online in __cpu_online_mask: the mask "
+                      "is corrupt (a running kernel has at least the CPU that wrote it)")
+    nr = st.info.nr_cpu_ids
+    if st.possible and st.possible[-1] + 1 != nr:
+        yield Finding("cpu_masks", "error", f"nr_cpu_ids is {nr} but the last possible CPU "
+                      f"is {st.possible[-1]} (setup_nr_cpu_ids() makes them agree)")
+    if not st.possible:
+        yield Finding("cpu_masks", "error", "no CPU is possible in __cpu_possible_mask: the "
+                      "mask is corrupt")
+    for mask, cpus in sorted(st.beyond_nr_cpu_ids.items()):
+        if cpus:
+            yield Finding("cpu_masks", "error", f"the {mask} mask has CPUs "
+                          f"{format_cpu_list(cpus)} set, at or beyond nr_cpu_ids ({nr})",
+                          None, {"cpus": format_cpu_list(cpus)})
+
+
+@check("kernel_image")
+def check_kernel_image(ctx: Context) -> Iterable[Finding]:
+    """The KASLR offset and ``phys_base`` are multiples of ``CONFIG_PHYSICAL_ALIGN``;
+    anything else cannot come from a booted kernel, and every image address the
+    inspector translated through them is suspect."""
+    info = ctx.state.info
+    for name, value in (("KASLR offset (VMCOREINFO KERNELOFFSET)", info.kaslr_offset),
+                        ("phys_base", info.phys_base)):
+        if value % PHYSICAL_ALIGN_MIN:
+            yield Finding("kernel_image", "error", f"the {name} {value:#x} is not a multiple "
+                          f"of {PHYSICAL_ALIGN_MIN:#x} (CONFIG_PHYSICAL_ALIGN): the core's "
+                          "VMCOREINFO is inconsistent")
+
+
 @check("cpu_init")
 def check_cpu_init(ctx: Context) -> Iterable[Finding]:
     """Online CPUs must have a ministack; others are reported as facts."""

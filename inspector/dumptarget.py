@@ -23,7 +23,8 @@ from .kallsyms_mem import decode_kallsyms
 from .kdump import DumpCore, DumpMemory
 from .memory import MemorySource
 from .symbols import MASK64, START_KERNEL_MAP, SymbolTable, load_symbols
-from .target import KASLR_ALIGN, Target, _num, _signed64, _vmcoreinfo_symbols, bind_symbols
+from .target import KASLR_ALIGN, Target, _vmcoreinfo_symbols, bind_symbols
+from .vmcoreinfo import VmcoreInfo
 
 __all__ = ["DumpTarget", "open_dump_target", "MIN_RELOCATION_WITNESSES"]
 
@@ -73,12 +74,12 @@ def _no_vmcoreinfo(core: DumpCore) -> InspectError:
         "capture the dump with kdump (makedumpfile keeps VMCOREINFO)")
 
 
-def _image_reader(core: DumpCore, mem: MemorySource, info: dict[str, str]):
+def _image_reader(core: DumpCore, mem: MemorySource, info: VmcoreInfo):
     """read(vaddr, size) for kernel-image addresses: ``__pa_symbol()``."""
-    if "NUMBER(phys_base)" not in info:
+    phys_base = info.phys_base
+    if phys_base is None:
         raise InspectError(f"{core.path}: VMCOREINFO lacks NUMBER(phys_base)",
                            "this dump is not from an x86-64 kernel with kexec support")
-    phys_base = _signed64(_num(info["NUMBER(phys_base)"]))
 
     def read(vaddr: int, size: int) -> bytes:
         if vaddr < START_KERNEL_MAP:

@@ -17,22 +17,30 @@ from __future__ import annotations
 import bisect
 import errno
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from .errors import InspectError
+from .fileio import MiB, open_regular
+from .vmcoreinfo import VmcoreInfo
 
 __all__ = ["Segment", "Note", "ElfCore", "parse_notes", "parse_vmcoreinfo",
-           "NO_PADDR"]
+           "check_elf_header", "NO_PADDR"]
 
 NO_PADDR = (1 << 64) - 1
+MASK64 = (1 << 64) - 1
 PT_LOAD = "PT_LOAD"
 PT_NOTE = "PT_NOTE"
+#: Bounds no real core comes near: /proc/kcore has a few hundred program headers
+#: (one per RAM range, fs/proc/kcore.c), a kdump ELF vmcore one per memory range plus
+#: one note per CPU (8192 CPUs x ~0.5 KiB of NT_PRSTATUS/VMCOREINFO).
+MAX_PHNUM = 0xFFFE          # 0xffff is PN_XNUM (extended numbering), not produced for cores
+MAX_NOTES_SIZE = 64 * MiB
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+PHDR_SIZE = 56
 
 
 @dataclass(frozen=True)
@@ -80,14 +88,43 @@ def parse_notes(data: bytes) -> list[Note]:
     return notes
 
 
-def parse_vmcoreinfo(desc: bytes) -> dict[str, str]:
-    """``KEY=VALUE`` lines of the VMCOREINFO note (kernel/vmcore_info.c)."""
-    info: dict[str, str] = {}
-    for line in desc.rstrip(b"\0").decode("latin-1").splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            info[key.strip()] = value.strip()
-    return info
+def parse_vmcoreinfo(desc: bytes, source: str = "VMCOREINFO") -> VmcoreInfo:
+    """``KEY=VALUE`` lines of the VMCOREINFO note (kernel/vmcore_info.c), checked."""
+    return VmcoreInfo.parse(desc, source)
+
+
+def check_elf_header(head: bytes, path: str, size: int | None, what: str) -> tuple[int, int]:
+    """Check an x86-64 ELF header from its raw bytes before any parser trusts it;
+    returns ``(e_type, e_phnum)``.  *size* is the file size when it is meaningful
+    (regular files; /proc/kcore reports its logical size).  Raises InspectError."""
+    fix = f"the file is damaged or is not {what}; copy or capture it again"
+    if len(head) < EHDR.size:
+        raise InspectError(f"{path} is truncated: {len(head)} bytes, shorter than an ELF header",
+                           fix)
+    (ident, e_type, e_machine, _version, _entry, e_phoff, e_shoff, _flags, e_ehsize,
+     e_phentsize, e_phnum, e_shentsize, e_shnum, _shstrndx) = EHDR.unpack_from(head)
+    if ident[4] != 2 or ident[5] != 1 or e_machine != 62:
+        raise InspectError(f"{path} is not an x86-64 ELF file (class {ident[4]}, data "
+                           f"{ident[5]}, machine {e_machine})",
+                           "espfix64 exists only on x86-64 kernels")
+    if e_ehsize != EHDR.size:
+        raise InspectError(f"{path}: ELF header size is {e_ehsize}, not {EHDR.size}", fix)
+    for name, off, count, entsize, want in (("program", e_phoff, e_phnum, e_phentsize,
+                                             PHDR_SIZE),
+                                            ("section", e_shoff, e_shnum, e_shentsize, 64)):
+        if count == 0:
+            continue
+        if entsize != want:
+            raise InspectError(f"{path}: ELF {name} header entries are {entsize} bytes, "
+                               f"not {want}", fix)
+        if count > MAX_PHNUM:
+            raise InspectError(f"{path}: {count} ELF {name} headers (extended numbering "
+                               "is not used by Linux cores)", fix)
+        end = off + count * entsize
+        if off < EHDR.size or end > (size if size else MASK64):
+            raise InspectError(f"{path}: ELF {name} headers at offset {off:#x} lie outside "
+                               f"the file" + (f" ({size:#x} bytes)" if size else ""), fix)
+    return e_type, e_phnum
 
 
 class ElfCore:
@@ -112,25 +149,11 @@ class ElfCore:
     def _load_headers(self) -> None:
         path = self.path
         fh = self._fh
-        magic = fh.read(4)
+        head = fh.read(EHDR.size)
         fh.seek(0)
-        if magic != b"\x7fELF":
+        if head[:4] != b"\x7fELF":
             raise InspectError(f"{path} is not an ELF core (no ELF magic)",
                                "pass a /proc/kcore, a kdump vmcore or an espfix-inspect snapshot")
-        try:
-            elf = ELFFile(fh)
-            if elf.header["e_type"] != "ET_CORE":
-                raise InspectError(f"{path} is an ELF file of type {elf.header['e_type']}, not a core",
-                                   "pass a core (a vmlinux goes to --symbols)")
-            if elf.elfclass != 64 or elf.header["e_machine"] != "EM_X86_64":
-                raise InspectError(f"{path} is not an x86-64 core "
-                                   f"({elf.elfclass}-bit, {elf.header['e_machine']})",
-                                   "espfix64 exists only on x86-64 kernels")
-            raw = [(s["p_type"], s["p_vaddr"], s["p_paddr"], s["p_offset"],
-                    s["p_filesz"], s["p_memsz"]) for s in elf.iter_segments()]
-        except (ELFError, struct.error, ValueError) as e:
-            raise InspectError(f"{path}: unreadable ELF headers ({e})",
-                               "the file is damaged or truncated; capture it again") from None
         try:
             size = os.fstat(fh.fileno()).st_size
         except OSError:
@@ -138,23 +161,48 @@ class ElfCore:
         # /proc/kcore reports its logical size; a regular file must hold all
         # of every segment it declares.
         self.file_size = size
+        e_type, _ = check_elf_header(head, path, size, "a core")
+        if e_type != 4:
+            kind = {1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN"}.get(e_type, f"type {e_type}")
+            raise InspectError(f"{path} is an ELF file of type {kind}, not a core",
+                               "pass a core (a vmlinux goes to --symbols)")
+        try:
+            elf = ELFFile(fh)
+            raw = [(s["p_type"], s["p_vaddr"], s["p_paddr"], s["p_offset"],
+                    s["p_filesz"], s["p_memsz"]) for s in elf.iter_segments()]
+        except Exception as e:      # pyelftools' own errors for any malformed field
+            raise InspectError(f"{path}: unreadable ELF headers ({type(e).__name__}: {e})",
+                               "the file is damaged or truncated; capture it again") from None
         self.segments: list[Segment] = []
         notes_raw = b""
         for ptype, vaddr, paddr, off, filesz, memsz in raw:
-            if ptype in (PT_LOAD, PT_NOTE) and size and off + filesz > size:
+            if ptype not in (PT_LOAD, PT_NOTE):
+                continue
+            if size and off + filesz > size:
                 raise InspectError(
                     f"{path} is truncated: a segment ends at byte {off + filesz:#x} "
                     f"but the file has {size:#x} bytes",
                     "copy or capture the whole core again")
             if ptype == PT_LOAD:
+                if filesz > memsz or vaddr + memsz > 1 << 64 or \
+                        (paddr != NO_PADDR and paddr + memsz > 1 << 64):
+                    raise InspectError(f"{path}: a PT_LOAD segment at {vaddr:#x} has "
+                                       f"impossible sizes (filesz {filesz:#x}, memsz "
+                                       f"{memsz:#x}, paddr {paddr:#x})",
+                                       "the file is damaged; capture it again")
                 self.segments.append(Segment(vaddr, paddr, off, filesz, memsz))
-            elif ptype == PT_NOTE:
+            else:
+                if len(notes_raw) + filesz > MAX_NOTES_SIZE:
+                    raise InspectError(f"{path}: ELF notes larger than "
+                                       f"{MAX_NOTES_SIZE // MiB} MiB",
+                                       "the file is damaged; capture it again")
                 notes_raw += self._pread(off, filesz)
         self.notes = parse_notes(notes_raw)
-        self.vmcoreinfo: dict[str, str] = {}
+        self.vmcoreinfo = VmcoreInfo({}, path)
         for note in self.notes:
             if note.name == "VMCOREINFO":
-                self.vmcoreinfo = parse_vmcoreinfo(note.desc)
+                self.vmcoreinfo = parse_vmcoreinfo(note.desc, path)
+                break
         self._by_vaddr = sorted(self.segments, key=lambda s: s.vaddr)
         self._vstarts = [s.vaddr for s in self._by_vaddr]
         self._by_paddr = sorted((s for s in self.segments if s.has_paddr),
@@ -245,19 +293,15 @@ def _read_fix(e: OSError) -> str:
 
 def _open_core(path: str) -> BinaryIO:
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if path == "/proc/kcore":
+        return open_regular(path, "core", "pass a core file with --core")
+    except InspectError as e:
+        if path == "/proc/kcore" and "does not exist" in e.cause:
             raise InspectError("/proc/kcore does not exist on this kernel "
                                "(CONFIG_PROC_KCORE is off, or /proc is not mounted)",
                                "inspect a saved core or snapshot with --core FILE") from None
-        raise InspectError(f"{path} does not exist", "check the --core path") from None
-    except OSError as e:
-        raise InspectError(f"cannot stat {path}: {e.strerror}", "check the --core path") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise InspectError(f"{path} is a directory", "pass a core file with --core")
-    try:
-        return open(path, "rb", buffering=0)
+        if "does not exist" in e.cause:
+            raise InspectError(f"{path} does not exist", "check the --core path") from None
+        raise
     except PermissionError:
         if path.startswith("/proc/"):
             if os.geteuid() != 0:
@@ -280,8 +324,6 @@ def _open_core(path: str) -> BinaryIO:
                                "boot without lockdown, or inspect a kdump vmcore offline") from None
         raise InspectError(f"permission denied opening {path}",
                            "make the core readable, or run as root") from None
-    except OSError as e:
-        raise InspectError(f"cannot open {path}: {e.strerror}", _read_fix(e)) from None
 
 
 def lockdown_state() -> tuple[str | None, str]:

@@ -41,7 +41,6 @@ turn that into an info finding, ``stacks`` into "all zero, filtered".
 from __future__ import annotations
 
 import os
-import stat
 import struct
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from dataclasses import dataclass, field
 
 from .elfcore import NO_PADDR, ElfCore, Note, parse_notes, parse_vmcoreinfo
 from .errors import InspectError, PageFiltered
+from .fileio import open_regular
 from .memory import PAGE_MASK, PAGE_SIZE, CoreMemory
 
 __all__ = ["DumpCore", "DumpMemory", "CpuRegisters", "sniff", "is_vmcore",
@@ -92,12 +92,17 @@ def import_kdumpfile(path: str):
 
 def sniff(path: str) -> str | None:
     """``"diskdump"``, ``"flattened"`` or ``"elf"`` from the first bytes of *path*,
-    None for anything else (the caller decides what to say)."""
+    None for anything else, or for anything that is not a readable regular file
+    (the ELF reader then says what is wrong with it)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "core", "check the --core path") as f:
             head = f.read(16)
-    except OSError:
+    except (InspectError, OSError):
         return None
+    return _kind_of(head)
+
+
+def _kind_of(head: bytes) -> str | None:
     if head.startswith(b"\x7fELF"):
         return "elf"
     if head.startswith(DISKDUMP_SIGNATURE):
@@ -161,11 +166,16 @@ class DumpCore:
         self.bytes_read = 0
         self.segments: list = []          # no virtual segments: physical memory only
         self.notes: list[Note] = []
+        self._fh = None
         self.reassembled = False          # a flattened stream put back in place
         self.dump_level: int | None = None   # makedumpfile -d, kdump-compressed only
         self._tmp = None
-        self.kind = _check_file(path)
-        kdumpfile = import_kdumpfile(path)
+        self._fh, self.kind = _open_dump(path)
+        try:
+            kdumpfile = import_kdumpfile(path)
+        except BaseException:
+            self._fh.close()
+            raise
         self._exc = kdumpfile.exceptions
         # machine-physical reads go straight to the file; KDUMP_KPHYSADDR would first
         # make libkdumpfile set up its own address translation, which this module
@@ -173,6 +183,7 @@ class DumpCore:
         # Xen, machine-physical and physical addresses are the same.
         self._PHYS = kdumpfile.KDUMP_MACHPHYSADDR
         self._elf: ElfCore | None = None
+        self._k = self._file_map = self._mem_map = None
         try:
             self._open(kdumpfile)
             self._load_meta()
@@ -184,7 +195,8 @@ class DumpCore:
     def _open(self, kdumpfile) -> None:
         path = self.path
         try:
-            self._k = kdumpfile.kdumpfile(path)
+            # the descriptor checked to be a regular file, not the name again
+            self._k = kdumpfile.kdumpfile(f"/proc/self/fd/{self._fh.fileno()}")
             return
         except self._exc.NotImplementedException as e:
             if self.kind != "flattened":
@@ -196,7 +208,7 @@ class DumpCore:
                                "the file is damaged or truncated; capture it again") from None
         # A library older than 0.5.5 does not know the flattened stream: put the
         # records back where they belong (makedumpfile -R), in an unlinked file.
-        self._tmp = _reassemble_flattened(path)
+        self._tmp = _reassemble_flattened(self._fh, path)
         self.reassembled = True
         try:
             self._k = kdumpfile.kdumpfile(f"/proc/self/fd/{self._tmp.fileno()}")
@@ -221,7 +233,7 @@ class DumpCore:
             self._elf = ElfCore(self.path)
             note = self._elf.note("VMCOREINFO")
             raw_bytes = note.desc if note is not None else b""
-        self.vmcoreinfo = parse_vmcoreinfo(raw_bytes) if raw_bytes else {}
+        self.vmcoreinfo = parse_vmcoreinfo(raw_bytes, self.path)
         if raw_bytes:
             self.notes.append(Note("VMCOREINFO", 0, raw_bytes))
         if self.kind == "elf" and self._elf is None:
@@ -231,18 +243,13 @@ class DumpCore:
         else:
             self.notes.extend(n for n in self._diskdump_notes() if n.name != "VMCOREINFO")
         self.max_pfn = int(self._attr("max_pfn", 0) or 0)
-        try:
-            self.file_size = os.stat(self.path).st_size
-        except OSError:
-            self.file_size = 0
+        self.file_size = os.fstat(self._fh.fileno()).st_size
         self._file_map = self._attr("file.pagemap")
         self._mem_map = self._attr("memory.pagemap")
 
     def _pread(self, size: int, offset: int) -> bytes:
-        if self._tmp is not None:
-            return os.pread(self._tmp.fileno(), size, offset)
-        with open(self.path, "rb") as f:
-            return os.pread(f.fileno(), size, offset)
+        fh = self._tmp if self._tmp is not None else self._fh
+        return os.pread(fh.fileno(), size, offset)
 
     def _diskdump_notes(self) -> list[Note]:
         """The ELF notes a kdump-compressed header carries (header version 4 and
@@ -267,8 +274,8 @@ class DumpCore:
             return []
 
     def _file_end(self) -> int:
-        fh = self._tmp
-        return os.fstat(fh.fileno()).st_size if fh is not None else os.stat(self.path).st_size
+        fh = self._tmp if self._tmp is not None else self._fh
+        return os.fstat(fh.fileno()).st_size
 
     # -- the ElfCore surface ---------------------------------------------------
     def note(self, name: str) -> Note | None:
@@ -325,13 +332,8 @@ class DumpCore:
         QEMU's dump-guest-memory leaves all but ``machine`` empty."""
         if self.kind not in ("diskdump", "flattened"):
             return {}
-        fh = self._tmp if self._tmp is not None else None
         try:
-            if fh is not None:
-                head = os.pread(fh.fileno(), UTS_OFFSET + 6 * UTS_FIELD, 0)
-            else:
-                with open(self.path, "rb") as f:
-                    head = f.read(UTS_OFFSET + 6 * UTS_FIELD)
+            head = self._pread(UTS_OFFSET + 6 * UTS_FIELD, 0)
         except OSError:
             return {}
         names = ("sysname", "nodename", "release", "version", "machine", "domainname")
@@ -371,13 +373,28 @@ class DumpCore:
         return out
 
     def close(self) -> None:
-        self._k = None
+        if getattr(self, "_k", None) is not None:
+            # Debian's 0.5.1 binding never closes the descriptor it opened for the
+            # dump (kdumpfile_dealloc frees the context only): close it here, when it
+            # still is that file once the object is gone.
+            fd = self._attr("file.set.0.fd")
+            mine = self._tmp if self._tmp is not None else self._fh
+            self._k = self._file_map = self._mem_map = None
+            if fd is not None and mine is not None and fd != mine.fileno():
+                try:
+                    if os.path.samestat(os.fstat(fd), os.fstat(mine.fileno())):
+                        os.close(fd)
+                except OSError:
+                    pass
         if self._elf is not None:
             self._elf.close()
             self._elf = None
         if self._tmp is not None:
             self._tmp.close()
             self._tmp = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def __enter__(self) -> "DumpCore":
         return self
@@ -395,31 +412,35 @@ def _bit(bmp, pfn: int) -> bool:
         return False
 
 
-def _check_file(path: str) -> str:
+def _open_dump(path: str):
+    """(the dump opened as a regular file, its kind): one non-blocking open
+    (:func:`~inspector.fileio.open_regular`), nothing read through the name again."""
+    fix = "check the --core path"
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InspectError(f"{path} does not exist", "check the --core path") from None
-    except OSError as e:
-        raise InspectError(f"cannot stat {path}: {e.strerror}", "check the --core path") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InspectError(f"{path} is not a regular file", "pass a dump file with --core")
-    if not os.access(path, os.R_OK):
+        fh = open_regular(path, "core", fix)
+    except PermissionError:
         raise InspectError(f"permission denied reading {path}",
                            "make the dump readable (kdump-tools saves it root-only), "
-                           "or run as root")
-    kind = sniff(path)
+                           "or run as root") from None
+    try:
+        kind = _kind_of(os.pread(fh.fileno(), 16, 0))
+    except OSError as e:
+        fh.close()
+        raise InspectError(f"cannot read {path}: {e.strerror}", fix) from None
     if kind is None:
+        fh.close()
         raise InspectError(f"{path} is not a crash dump or core (no ELF, KDUMP or "
                            "makedumpfile signature)",
                            "pass a kdump vmcore, /proc/kcore or an espfix-inspect snapshot")
-    return kind
+    return fh, kind
 
 
-def _reassemble_flattened(path: str):
-    """makedumpfile -R in-process: the flattened records of *path* written at
-    their offsets into an unlinked temporary file (returned open)."""
-    src = open(path, "rb")
+def _reassemble_flattened(fh, path: str):
+    """makedumpfile -R in-process: the flattened records of the open dump *fh*
+    (named *path*) written at their offsets into an unlinked temporary file
+    (returned open)."""
+    src = os.fdopen(os.dup(fh.fileno()), "rb")
+    src.seek(0)
     out = tempfile.TemporaryFile(prefix="espfix-inspect-flat-")
     try:
         size = os.fstat(src.fileno()).st_size

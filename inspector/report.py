@@ -12,12 +12,12 @@ from typing import Iterable
 from tabulate import tabulate
 
 from .audit import AuditResult, Finding
-from .exercise import RoundTrip
+from .exercise import COULD_NOT_RUN, FINDING_VERDICTS, RoundTrip
 from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
                     Randomness, format_cpu_list, page_and_slot)
 from .crash import CrashContext, dump_crash_context, dump_notes
-from .errors import PageFiltered
-from .state import EspfixState
+from .errors import InspectError, PageFiltered
+from .state import EspfixState, FrameUnreadable
 
 __all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
            "stacks_text", "stacks_json", "exercise_text", "exercise_json", "dumps"]
@@ -177,21 +177,29 @@ def _stack_rows(state: EspfixState, cpus: Iterable[int]) -> list[dict]:
         st = state.cpus[cpu]
         row: dict = {"cpu": cpu, "online": st.online, "espfix_stack": None,
                      "espfix_waddr": None, "phys": None, "page": None, "slot": None,
-                     "frame": None}
+                     "frame": None, "frame_error": None}
         if st.initialised:
             page, slot = page_and_slot(st.espfix_stack)
-            w = state.walk(st.espfix_stack)
             row.update(espfix_stack=_h(st.espfix_stack), espfix_waddr=_h(st.espfix_waddr),
-                       phys=_h(None if w.phys is None else w.phys | (st.espfix_stack & 0xFFF)),
                        page=page, slot=slot)
+            try:
+                w = state.walk(st.espfix_stack)
+            except InspectError as e:        # a table page the core lacks
+                row["frame_error"] = e.cause
+                rows.append(row)
+                continue
+            row["phys"] = _h(None if w.phys is None else w.phys | (st.espfix_stack & 0xFFF))
             try:
                 frame = state.frame(cpu)
             except PageFiltered:
                 # an in-use ministack page is neither cache, user nor free memory:
                 # makedumpfile can only have dropped it as a zero page
-                frame, row["frame_state"] = None, "all zero, filtered"
-            if frame is not None:
-                row["frame"] = {k: _h(v) for k, v in frame.items()}
+                row["frame_state"] = "all zero, filtered"
+            except FrameUnreadable as e:
+                row["frame_error"] = e.cause
+            else:
+                if frame is not None:
+                    row["frame"] = {k: _h(v) for k, v in frame.items()}
         rows.append(row)
     return rows
 
@@ -216,10 +224,12 @@ def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
     table = []
     for r in rows:
         f = r["frame"] or {}
+        words = [f.get(k, "") for k in FRAME_WORDS]
+        if r["frame_error"]:
+            words[0] = "unreadable (see below)"
         table.append([r["cpu"], r["espfix_stack"] or "(none)", r["espfix_waddr"] or "",
                       r["phys"] or "",
-                      "" if r["page"] is None else f"{r['page']}/{r['slot']}",
-                      *[f.get(k, "") for k in FRAME_WORDS]])
+                      "" if r["page"] is None else f"{r['page']}/{r['slot']}", *words])
     head = _kernel_lines(state)
     head.append(f"ministacks: {sum(1 for r in rows if r['espfix_stack'])} of {len(rows)} "
                 f"CPU(s) set up, {sum(1 for r in rows if r['frame'])} hold an IRET frame "
@@ -228,10 +238,12 @@ def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
     if filtered:
         head.append(f"filtered: the ministack page of CPU(s) {format_cpu_list(filtered)} is "
                     "not in the dump (dropped as a zero page: all zero, filtered)")
+    tail = [f"cpu {r['cpu']}: frame unreadable: {r['frame_error']}"
+            for r in rows if r["frame_error"]]
     text = "\n".join(head) + "\n\n" + tabulate(
         table, headers=["CPU", "ESPFIX_STACK", "ESPFIX_WADDR", "PHYS", "PG/SLOT",
                         *[k.upper() for k in FRAME_WORDS]],
-        tablefmt="simple", disable_numparse=True)
+        tablefmt="simple", disable_numparse=True) + "".join("\n" + t for t in tail)
     crash = dump_crash_context(state)            # crash dumps only
     if crash is not None:
         text += "\n\n" + crash_text(crash, [r["cpu"] for r in rows])
@@ -262,7 +274,9 @@ def crash_text(crash: CrashContext, cpus: list[int]) -> str:
 # --------------------------------------------------------------------------- exercise
 
 def exercise_json(rounds: list[RoundTrip], kcore_note: str | None) -> dict:
-    return {"ok": all(r.verdict == "ok" for r in rounds),
+    return {"ok": any(r.verdict == "ok" for r in rounds)
+            and not any(r.verdict in FINDING_VERDICTS for r in rounds),
+            "could_not_run": sum(r.verdict == COULD_NOT_RUN for r in rounds),
             "kcore_cross_check": kcore_note is None,
             "kcore_note": kcore_note,
             "rounds": [r.as_dict() for r in rounds]}
@@ -299,10 +313,12 @@ def exercise_text(rounds: list[RoundTrip], kcore_note: str | None) -> str:
             if key not in seen:
                 seen.add(key)
                 lines.append(("note " if r.verdict == "ok" else f"{r.verdict} ") + key)
-    bad = [r for r in rounds if r.verdict != "ok"]
+    bad = [r for r in rounds if r.verdict in FINDING_VERDICTS]
+    idle = [r for r in rounds if r.verdict == COULD_NOT_RUN]
     cpus = sorted({r.cpu for r in rounds})
+    verdict = "FINDINGS" if bad else "OK" if len(idle) < len(rounds) else "COULD NOT RUN"
     lines.append("")
-    lines.append(f"result: {'OK' if not bad else 'FINDINGS'} ({len(rounds)} round trip(s) "
-                 f"on {len(cpus)} CPU(s), {len(bad)} not ok; INTERRUPTIONS = gaps the child "
-                 f"saw in its own TSC, each followed by an RSP check)")
+    lines.append(f"result: {verdict} ({len(rounds)} round trip(s) on {len(cpus)} CPU(s), "
+                 f"{len(bad)} not ok, {len(idle)} could not run; INTERRUPTIONS = gaps the "
+                 f"child saw in its own TSC, each followed by an RSP check)")
     return "\n".join(lines)

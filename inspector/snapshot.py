@@ -20,7 +20,7 @@ from . import __version__
 from .audit import audit
 from .elfcore import NO_PADDR
 from .elfwrite import LoadSegment, NoteEntry, write_core
-from .errors import InspectError, PageFiltered
+from .errors import InspectError
 from .memory import RecordingMemory
 from .state import DIRECT_MAP_SIZE, EspfixState, load_state
 from .symbols import START_KERNEL_MAP
@@ -89,8 +89,8 @@ def take_snapshot(core: str, symbols: str | None, out: str) -> dict:
         for cpu in state.cpus:
             try:
                 state.frame(cpu)
-            except PageFiltered:        # a dump without that ministack page: nothing to keep
-                pass
+            except InspectError:
+                pass                # recorded as far as it could be read; validate reports it
         # the banner, so the symbols can be verified offline
         state.reader.read(target.symbols["linux_banner"], 256)
         segments = snapshot_segments(state, rec)

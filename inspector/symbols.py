@@ -17,19 +17,25 @@ this module only reads files.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
-from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from .errors import InspectError
+from .fileio import MiB, open_regular, read_bounded
 
 __all__ = ["START_KERNEL_MAP", "SymbolTable", "load_symbols", "parse_symbol_text"]
 
 #: ``__START_KERNEL_map`` (arch/x86/include/asm/page_64_types.h).
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 MASK64 = (1 << 64) - 1
+#: A kallsyms or System.map text is a few MiB (about 120,000 lines on Debian 6.1 with
+#: modules); a vmlinux with DWARF is under 1 GiB, and its .symtab a few MiB.
+MAX_SYMBOL_TEXT = 256 * MiB
+MAX_VMLINUX_SYMBOLS = 4_000_000
+_ADDR = re.compile(r"[0-9a-fA-F]{1,16}\Z")
 
 
 @dataclass
@@ -94,10 +100,9 @@ def parse_symbol_text(text: str, source: str, kind: str) -> SymbolTable:
         parts = line.split()
         if len(parts) < 3:
             continue
-        try:
-            addr = int(parts[0], 16)
-        except ValueError:
+        if not _ADDR.match(parts[0]):
             continue
+        addr = int(parts[0], 16)
         if len(parts[1]) != 1:
             continue
         parsed += 1
@@ -133,6 +138,17 @@ def parse_symbol_text(text: str, source: str, kind: str) -> SymbolTable:
 
 
 def _load_vmlinux(path: str, fh) -> SymbolTable:
+    from .elfcore import check_elf_header
+    try:
+        size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        size = None
+    e_type, _ = check_elf_header(fh.read(64), path, size, "a vmlinux")
+    fh.seek(0)
+    if e_type not in (2, 3):
+        raise InspectError(f"{path} is an ELF file of type {e_type}, not a vmlinux "
+                           "(ET_EXEC)", "pass the inspected kernel's vmlinux, System.map "
+                           "or /proc/kallsyms")
     try:
         elf = ELFFile(fh)
         symtab = elf.get_section_by_name(".symtab")
@@ -140,6 +156,9 @@ def _load_vmlinux(path: str, fh) -> SymbolTable:
             raise InspectError(f"{path} has no symbol table (stripped)",
                                "use the unstripped vmlinux (Debian: linux-image-*-dbg) "
                                "or the System.map")
+        if symtab.num_symbols() > MAX_VMLINUX_SYMBOLS:
+            raise InspectError(f"{path}: .symtab claims {symtab.num_symbols()} symbols",
+                               "pass an uncorrupted vmlinux of the inspected kernel")
         addresses: dict[str, int] = {}
         types: dict[str, str] = {}
         for sym in symtab.iter_symbols():
@@ -150,8 +169,10 @@ def _load_vmlinux(path: str, fh) -> SymbolTable:
                 addresses[name] = sym["st_value"]
                 types[name] = "A" if sym["st_shndx"] == "SHN_ABS" else "D"
         banner = _vmlinux_banner(elf, addresses.get("linux_banner"))
-    except (ELFError, ValueError, KeyError) as e:
-        raise InspectError(f"{path}: unreadable vmlinux ({e})",
+    except InspectError:
+        raise
+    except Exception as e:      # pyelftools' own errors for any malformed field
+        raise InspectError(f"{path}: unreadable vmlinux ({type(e).__name__}: {e})",
                            "pass an uncorrupted vmlinux of the inspected kernel") from None
     if "_text" not in addresses and "_stext" not in addresses:
         raise InspectError(f"{path} has no _text or _stext: not a Linux vmlinux",
@@ -176,24 +197,22 @@ def _vmlinux_banner(elf: ELFFile, addr: int | None) -> bytes | None:
 
 def load_symbols(path: str) -> SymbolTable:
     """Load a kallsyms/System.map text file or a vmlinux ELF."""
+    fix = "pass /proc/kallsyms, the kernel's System.map or its vmlinux"
     try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise InspectError(f"symbol file {path} does not exist",
-                           "pass /proc/kallsyms, the kernel's System.map or its vmlinux") from None
+        fh = open_regular(path, "symbol file", fix)
     except PermissionError:
         raise InspectError(f"permission denied reading {path}",
                            "run as root, or make the symbol file readable") from None
-    except OSError as e:
-        raise InspectError(f"cannot read {path}: {e.strerror}", "check the --symbols path") from None
     with fh:
         head = fh.read(4)
         fh.seek(0)
         if head == b"\x7fELF":
             return _load_vmlinux(path, fh)
-        data = fh.read()
+        try:
+            data = read_bounded(fh, path, "symbol file", MAX_SYMBOL_TEXT)
+        except OSError as e:
+            raise InspectError(f"cannot read {path}: {e.strerror}", fix) from None
     if b"\0" in data[:4096]:
-        raise InspectError(f"{path} is neither a vmlinux nor kallsyms/System.map text",
-                           "pass /proc/kallsyms, the kernel's System.map or its vmlinux")
+        raise InspectError(f"{path} is neither a vmlinux nor kallsyms/System.map text", fix)
     kind = "kallsyms" if os.path.basename(path) == "kallsyms" else "system.map"
     return parse_symbol_text(data.decode("latin-1"), path, kind)

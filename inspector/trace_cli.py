@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 import time
 
 from .errors import EXIT_OK, InspectError
+from .safetext import print_out
 from .target import KCORE_PATH
 
 EXAMPLES = """examples:
@@ -149,7 +149,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
                                 if sources is None or ev in sources] if "returns" in want else [],
                        irq_regs=syms is not None and "__irq_regs" in syms)
         text, flags = tr.program_text(plan, syms, args.pid)
-        print(tr.ebpf_listing(text, flags))
+        print_out(tr.ebpf_listing(text, flags))
         return EXIT_OK
     if args.duration is not None and args.duration <= 0:
         raise InspectError(f"duration {args.duration} must be positive", "give seconds, e.g. 10")
@@ -160,11 +160,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if not (plan.init or plan.ldt or plan.returns or plan.holders):
         raise InspectError("nothing can be traced on this kernel: " + "; ".join(plan.missing),
                            "see README, trace: requirements")
-    out = sys.stdout
 
     def emit(doc: dict, line: str) -> None:
-        out.write((json.dumps(doc) if args.json else line) + "\n")
-        out.flush()
+        print_out(json.dumps(doc) if args.json else line, flush=True)
 
     # Ctrl-C and SIGTERM end the trace between two polls, so that no event already
     # read from the ring buffers is dropped; SIGINT is set explicitly because a shell

@@ -49,6 +49,7 @@ from typing import Callable, Protocol
 from . import __version__
 from .audit import AuditResult, Finding, audit
 from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
+from .fileio import open_regular, read_bounded
 from .model import ESPFIX_STACKS_PER_PAGE, format_cpu_list, parse_cpu_list
 from .state import EspfixState, load_state
 from .target import KCORE_PATH, Target, open_target
@@ -57,6 +58,8 @@ __all__ = ["WatchConfig", "read_config", "build_config", "CpuEvent", "parse_ueve
            "SysfsPollSource", "RoundResult", "Watcher", "event_text", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = "/etc/espfix-inspect/watch.conf"
+#: watch.conf is a handful of key = value lines.
+MAX_CONFIG = 1 << 20
 SYSFS_ONLINE = "/sys/devices/system/cpu/online"
 #: NETLINK_KOBJECT_UEVENT (include/uapi/linux/netlink.h) and its kernel group.
 NETLINK_KOBJECT_UEVENT = 15
@@ -130,12 +133,13 @@ def build_config(config_path: str | None, overrides: dict, count: int | None = N
 def read_config(path: str) -> dict:
     """Parse a ``key = value`` file (``#`` comments, blank lines ignored) into
     checked values.  Raises InspectError naming the file and line."""
+    fix = "create it (see contrib/watch.conf) or drop --config"
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise InspectError(f"config file {path} does not exist",
-                           "create it (see contrib/watch.conf) or drop --config") from None
+        with open_regular(path, "config file", fix) as f:
+            lines = read_bounded(f, path, "config file", MAX_CONFIG).decode("utf-8").splitlines()
+    except PermissionError:
+        raise InspectError(f"permission denied reading config file {path}",
+                           "make it readable for this user") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InspectError(f"cannot read config file {path}: {getattr(e, 'strerror', e)}",
                            "make it a readable UTF-8 text file") from None
@@ -310,6 +314,7 @@ class RoundResult:
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
     error: str | None = None            # the one-line cause when the round could not inspect
+    output_error: str | None = None     # the round's output (the textfile) could not be written
     osrelease: str | None = None
     levels: int | None = None
     pti: bool | None = None
@@ -336,7 +341,7 @@ class RoundResult:
 
     @property
     def exit_status(self) -> int:
-        if not self.up:
+        if not self.up or self.output_error is not None:
             return EXIT_CANNOT_INSPECT
         return EXIT_OK if self.ok else EXIT_FINDINGS
 
@@ -393,6 +398,7 @@ class Watcher:
         self.frames_seen: Counter = Counter()
         self.hotplug_total: Counter = Counter()
         self.worst = EXIT_OK
+        self.output_failures = 0            # rounds whose textfile write failed
         self.last: RoundResult | None = None
         self._stop: str | None = None
         self._hup = False
@@ -468,10 +474,16 @@ class Watcher:
         if res.error is not None and trigger != "start":   # a failed start raises instead
             self.emit({"event": "error", "time": _now_iso(), "round": res.number,
                        "message": res.error})
+        if self.on_round is not None:       # the textfile is current when the event is out
+            try:
+                self.on_round(res)
+            except InspectError as e:       # e.g. the textfile could not be written
+                res.output_error = e.line()
+                self.output_failures += 1
+                self.emit({"event": "error", "time": _now_iso(), "round": res.number,
+                           "message": res.output_error})
         self.worst = max(self.worst, res.exit_status)
         self.last = res
-        if self.on_round is not None:       # the textfile is current when the event is out
-            self.on_round(res)
         self.emit(self._round_event(res))
         return res
 
@@ -559,6 +571,8 @@ class Watcher:
     def _round_event(self, res: RoundResult) -> dict:
         ev: dict = {"event": "round", "time": _now_iso(), "round": res.number,
                     "trigger": res.trigger, "up": res.up, "ok": res.ok}
+        if self.config.textfile:
+            ev["textfile"] = {"written": res.output_error is None, "error": res.output_error}
         if res.up:
             counts = Counter(f.severity for f in res.findings)
             ev.update({"summary": {s: counts.get(s, 0) for s in ("error", "warning", "info")},
@@ -696,14 +710,20 @@ class Watcher:
             if self.hotplug is not None:
                 self.hotplug.close()
             self._close_target()
-        status = EXIT_OK if reason in ("SIGTERM", "SIGINT") else self.worst
+        # Stopped by a signal: 0, unless the last round's output could not be written
+        # (a textfile nobody can read is a failure the service manager must see).
+        if reason in ("SIGTERM", "SIGINT"):
+            status = self.last.exit_status if self.last is not None and \
+                self.last.output_error is not None else EXIT_OK
+        else:
+            status = self.worst
         cpu_total = time.process_time() - cpu_start
         wall = time.monotonic() - t_start
         self.emit({"event": "stop", "time": _now_iso(), "reason": reason,
                    "rounds": self.rounds, "wall_seconds": round(wall, 3),
                    "cpu_seconds": round(cpu_total, 6),
                    "cpu_share": round(cpu_total / wall, 6) if wall > 0 else None,
-                   "exit": status})
+                   "output_failures": self.output_failures, "exit": status})
         return status
 
 
@@ -741,6 +761,8 @@ def event_text(ev: dict) -> str:
                     f"online {ev['cpus_online'] or '-'}, initialised "
                     f"{ev['cpus_initialised'] or '-'} of {ev['cpus_possible']}{frames}; "
                     f"{_cost(ev['cost'])}")
+        if ev.get("textfile") and not ev["textfile"]["written"]:
+            text += "; TEXTFILE NOT WRITTEN"
     elif kind == "hotplug":
         state = "online" if ev["online"] else "offline"
         stack = f"espfix_stack {ev['espfix_stack']}" if ev["initialised"] \

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 
-from .errors import EXIT_FINDINGS, EXIT_OK, InspectError
+from .errors import EXIT_FINDINGS, EXIT_OK
+from .safetext import print_out
 from .target import KCORE_PATH
 
 __all__ = ["add_parser", "COMMANDS"]
@@ -110,8 +109,7 @@ def add_parser(sub) -> None:
 
 
 def _print(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()          # one line at a time into the journal or a pipe
+    print_out(line, flush=True)     # one line at a time into the journal or a pipe
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -133,17 +131,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
         else:
             _print(event_text(ev))
         if ev["event"] == "error":
-            print(f"{PROG}: watch: {ev['message']}", file=sys.stderr, flush=True)
+            print_out(f"{PROG}: watch: {ev['message']}", err=True)
 
     def on_round(res) -> None:
         directory = watcher.config.textfile
-        if not directory:
-            return
-        try:
+        if directory:       # a failed write raises: the watcher reports it and fails the exit
             write_textfile(directory, render(res, watcher.config.frames))
-        except InspectError as e:
-            emit({"event": "error", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "round": res.number, "message": e.line()})
 
     watcher = Watcher(config, emit, on_round, config_path=args.config, overrides=overrides)
     return watcher.run()
@@ -155,7 +148,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     a = load_side(args.a, args.symbols_a)
     b = load_side(args.b, args.symbols_b)
     res = diff_docs(a, b)
-    print(dumps(diff_json(res)) if args.json else diff_text(res))
+    print_out(dumps(diff_json(res)) if args.json else diff_text(res))
     return EXIT_OK if res.same else EXIT_FINDINGS
 
 

@@ -164,7 +164,8 @@ def check_drgn(dump: Path, sdoc: dict) -> tuple[list[str], str]:
     if sniff(path) == "flattened":
         # drgn opens kdump files through the same libkdumpfile, which reads the
         # flattened stream natively only from 0.5.5: give it the reassembled file
-        flat = _reassemble_flattened(path)
+        with open(path, "rb") as src:
+            flat = _reassemble_flattened(src, path)
         path = f"/proc/{os.getpid()}/fd/{flat.fileno()}"
     try:
         proc = subprocess.run([py, "-c", DRGN_FRAMES, path, json.dumps(want)],
