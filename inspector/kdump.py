@@ -158,15 +158,12 @@ class DumpCore:
     ('diskdump', '6.1.0-56-amd64')
     """
 
-    live = False
-
     def __init__(self, path: str) -> None:
         self.path = path
         self.reads = 0
         self.bytes_read = 0
         self.segments: list = []          # no virtual segments: physical memory only
         self.notes: list[Note] = []
-        self._fh = None
         self.reassembled = False          # a flattened stream put back in place
         self.dump_level: int | None = None   # makedumpfile -d, kdump-compressed only
         self._tmp = None
