@@ -100,6 +100,7 @@ class RequestWatcher(threading.Thread):
         self.served: list[dict] = []
         self._stop_event = threading.Event()
         self._qmp: QMP | None = None
+        self.available: list[str] = []      # query-dump-guest-memory-capability
         (share / REQUESTS).mkdir(exist_ok=True)
         (share / DUMPS).mkdir(exist_ok=True)
 
@@ -141,6 +142,11 @@ class RequestWatcher(threading.Thread):
         try:
             if self._qmp is None:
                 self._qmp = QMP(self.qmp_socket)
+                cap = self._qmp.execute("query-dump-guest-memory-capability")
+                self.available = [f for f in (cap or {}).get("formats", [])]
+            if self.available and fmt not in self.available:
+                return {"ok": False, "error": f"this QEMU cannot write {fmt} (it offers "
+                                              f"{', '.join(self.available)})"}
             self._qmp.execute("dump-guest-memory", paging=False,
                               protocol=f"file:{path}", format=fmt)
         except (QMPError, OSError, ValueError) as e:
