@@ -39,6 +39,16 @@ def _python_with(module: str) -> str | None:
     return None
 
 
+def host_cannot_read_dumps() -> str | None:
+    """Why this interpreter cannot read dumps (so the dump checks must skip), or None."""
+    try:
+        import kdumpfile  # noqa: F401
+    except ImportError:
+        return (f"{sys.executable} cannot import kdumpfile (Debian python3-libkdumpfile is "
+                "built for /usr/bin/python3 only: make .venv from it)")
+    return None
+
+
 def run_tool(args: list[str], unprivileged: bool = True) -> subprocess.CompletedProcess:
     """The CLI in a subprocess, as nobody when we are root (dumps need no root)."""
     argv = [sys.executable, "-m", "inspector", *args]

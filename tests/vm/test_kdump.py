@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-from .dumpcheck import check_share
+from .dumpcheck import check_share, host_cannot_read_dumps
 from .image import image_for
 from .kernels import parse_rows
 from .run import VMError, VMOptions, run_in_vm
@@ -49,6 +49,8 @@ EXTRA = os.environ.get("ESPFIX_VM_KDUMP_EXTRA") == "1"
 
 @pytest.mark.vm
 @pytest.mark.skipif(os.environ.get("ESPFIX_VM_KDUMP") == "0", reason="ESPFIX_VM_KDUMP=0")
+@pytest.mark.skipif(host_cannot_read_dumps() is not None,
+                    reason=f"the host cannot read the dumps: {host_cannot_read_dumps()}")
 @pytest.mark.parametrize(("kernel", "variant"), ROWS, ids=[f"{k}-{v}" for k, v in ROWS])
 def test_kdump_capture(kernel: str, variant: str) -> None:
     timeout = float(os.environ.get("ESPFIX_VM_TIMEOUT", "900"))

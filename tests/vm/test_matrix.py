@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from .dumpcheck import check_share
+from .dumpcheck import check_share, host_cannot_read_dumps
 from .kernels import matrix, parse_rows
 from .run import VMError, VMOptions, run_in_vm
 
@@ -32,15 +32,7 @@ DUMP_ROWS: dict[tuple[str, str], tuple[tuple[str, ...], int | None, bool]] = {
 }
 
 
-def _host_reads_dumps() -> str | None:
-    """Why this interpreter cannot read dumps, or None."""
-    try:
-        import kdumpfile  # noqa: F401
-    except ImportError:
-        import sys
-        return (f"{sys.executable} cannot import kdumpfile (Debian python3-libkdumpfile "
-                "is built for /usr/bin/python3 only: make .venv from it)")
-    return None
+_host_reads_dumps = host_cannot_read_dumps
 
 
 def dump_options(kernel: str, variant: str) -> VMOptions | None:
