@@ -16,6 +16,7 @@ Memory comes from :mod:`inspector.kdump`.  Symbols, in order:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .errors import InspectError
@@ -151,7 +152,7 @@ def is_dump(path: str) -> bool:
     """True for a kdump-compressed or flattened dump, and for an ELF vmcore
     (:func:`~inspector.kdump.is_vmcore`); False for /proc/kcore-shaped cores and
     snapshots, and for anything else (left to the ELF reader's own errors)."""
-    from .elfcore import ElfCore
+    from .elfcore import NO_PADDR, ElfCore
     from .kdump import is_vmcore, sniff
     from .target import SNAPSHOT_NOTE
     kind = sniff(path)
@@ -159,5 +160,21 @@ def is_dump(path: str) -> bool:
         return True
     if kind != "elf":
         return False
-    with ElfCore(path) as core:
-        return is_vmcore(core, SNAPSHOT_NOTE)
+    try:
+        with ElfCore(path) as core:
+            return is_vmcore(core, SNAPSHOT_NOTE)
+    except InspectError as strict:
+        # A header the strict reader refuses may still be a vmcore whose writer got
+        # an informational field wrong (QEMU 7.2: e_ehsize 8): an ELF core whose
+        # PT_LOADs are all physical, without a snapshot note, goes to libkdumpfile.
+        from .fileio import open_regular
+        from .kdump import raw_elf_layout
+        try:
+            with open_regular(path, "core", "check the --core path") as f:
+                e_type, loads, notes = raw_elf_layout(f.fileno(), os.fstat(f.fileno()).st_size)
+        except (InspectError, OSError, ValueError):
+            raise strict from None
+        if e_type == 4 and loads and all(pa != NO_PADDR for _t, pa, _n in loads) and \
+                not any(n.name == SNAPSHOT_NOTE for n in notes):
+            return True
+        raise strict from None

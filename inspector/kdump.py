@@ -128,6 +128,37 @@ def is_vmcore(core: ElfCore, snapshot_note: str) -> bool:
     return bool(core.segments)
 
 
+def raw_elf_layout(fd: int, size: int) -> tuple[int, list[tuple[int, int, int]], list[Note]]:
+    """``(e_type, [(p_type, p_paddr, p_filesz)], notes)`` of an x86-64 ELF file from its
+    raw headers, bounded by the file size, for vmcores whose writer filled an
+    informational header field wrongly (QEMU 7.2's ELF dumps carry ``e_ehsize`` 8,
+    the size of a pointer, which :func:`~inspector.elfcore.check_elf_header`
+    refuses).  Only what locating the program headers and notes needs is checked;
+    the rest is libkdumpfile's."""
+    head = os.pread(fd, 64, 0)
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    e_type, e_machine = struct.unpack_from("<HH", head, 16)
+    e_phoff, = struct.unpack_from("<Q", head, 32)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
+    if e_machine != 62 or e_phentsize != 56 or not 0 < e_phnum <= 0xFFFE \
+            or e_phoff < 64 or e_phoff + 56 * e_phnum > size:
+        raise ValueError("program headers outside the file or of the wrong size")
+    raw = os.pread(fd, 56 * e_phnum, e_phoff)
+    loads: list[tuple[int, int, int]] = []
+    notes: list[Note] = []
+    budget = MAX_NOTES
+    for i in range(e_phnum):
+        p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz, _memsz, _align = \
+            struct.unpack_from("<IIQQQQQQ", raw, 56 * i)
+        if p_type == 1:
+            loads.append((p_type, p_paddr, p_filesz))
+        elif p_type == 4 and p_offset + p_filesz <= size and p_filesz <= budget:
+            budget -= p_filesz
+            notes += parse_notes(os.pread(fd, p_filesz, p_offset))
+    return e_type, loads, notes
+
+
 @dataclass(frozen=True)
 class CpuRegisters:
     """One CPU's registers at crash (or dump) time, from an NT_PRSTATUS note."""
@@ -179,7 +210,6 @@ class DumpCore:
         # does not use (and which fails on layouts it does not recognise).  Outside
         # Xen, machine-physical and physical addresses are the same.
         self._PHYS = kdumpfile.KDUMP_MACHPHYSADDR
-        self._elf: ElfCore | None = None
         self._k = self._file_map = self._mem_map = None
         try:
             self._open(kdumpfile)
@@ -223,22 +253,22 @@ class DumpCore:
     def _load_meta(self) -> None:
         self.format = self._attr("file.format", "?")
         self.description = self._attr("file.description", "")
+        if self.kind == "elf":
+            try:
+                _t, _l, file_notes = raw_elf_layout(self._fh.fileno(), self._file_end())
+            except (ValueError, OSError, struct.error):
+                file_notes = []
+        else:
+            file_notes = self._diskdump_notes()
         raw = self._attr("linux.vmcoreinfo.raw")
         raw_bytes = bytes(raw) if raw is not None else b""
-        if not raw_bytes and self.kind == "elf":
-            # libkdumpfile keeps the ELF note; read it the way elfcore does
-            self._elf = ElfCore(self.path)
-            note = self._elf.note("VMCOREINFO")
+        if not raw_bytes:
+            note = next((n for n in file_notes if n.name == "VMCOREINFO"), None)
             raw_bytes = note.desc if note is not None else b""
         self.vmcoreinfo = parse_vmcoreinfo(raw_bytes, self.path)
         if raw_bytes:
             self.notes.append(Note("VMCOREINFO", 0, raw_bytes))
-        if self.kind == "elf" and self._elf is None:
-            self._elf = ElfCore(self.path)
-        if self._elf is not None:
-            self.notes.extend(n for n in self._elf.notes if n.name != "VMCOREINFO")
-        else:
-            self.notes.extend(n for n in self._diskdump_notes() if n.name != "VMCOREINFO")
+        self.notes.extend(n for n in file_notes if n.name != "VMCOREINFO")
         self.max_pfn = int(self._attr("max_pfn", 0) or 0)
         self.file_size = os.fstat(self._fh.fileno()).st_size
         self._file_map = self._attr("file.pagemap")
@@ -383,9 +413,6 @@ class DumpCore:
                         os.close(fd)
                 except OSError:
                     pass
-        if self._elf is not None:
-            self._elf.close()
-            self._elf = None
         if self._tmp is not None:
             self._tmp.close()
             self._tmp = None

@@ -351,3 +351,22 @@ def test_snapshot_of_a_dump_with_a_filtered_ministack_page(tmp_path, capsys):
     snap = str(tmp_path / "snap.core")
     assert _run(capsys, "snapshot", "--core", dump, "-o", snap)[0] == 0
     assert _run(capsys, "validate", "--core", snap)[0] == 0
+
+
+@needs_kdumpfile
+def test_qemu_elf_header_quirk_still_reads(tmp_path, write_kernel, capsys):
+    """QEMU 7.2's ELF dumps carry e_ehsize 8 (seen on the sid guest's dump), which the
+    strict ELF reader refuses; an ELF core of physical PT_LOADs is still a vmcore for
+    libkdumpfile.  A /proc/kcore-shaped core with the same damage stays refused."""
+    k = _kernel()
+    dump = _dump(k, tmp_path, "elf", registers=[{}] * 4)
+    core, syms = write_kernel(k)
+    for path in (dump, core):
+        with open(path, "r+b") as f:
+            f.seek(52)
+            f.write(struct.pack("<H", 8))
+    rc, out, err = _run(capsys, "stacks", "--core", dump, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["cpus"][1]["frame"]["rax"] == "0xdead"
+    rc, _, err = _run(capsys, "validate", "--core", core, "--symbols", syms)
+    assert rc == 2 and "ELF header size is 8" in err
