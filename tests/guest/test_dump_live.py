@@ -72,22 +72,13 @@ def test_hypervisor_dumps_after_exercise():
         live = json.loads((DUMPS / "live-stacks.json").read_text())
         want = {str(c["cpu"]): c["espfix_stack"] for c in live["cpus"] if c["frame"]}
         results = {}
-        from inspector.kdump import _reassemble_flattened, sniff
+        # ELF dumps only: libkdumpfile finds no architecture in QEMU's kdump header
+        # (its utsname is empty but for machine), so drgn cannot open those at all
         for name in timings:
-            if not name.startswith("qemu."):
+            if not name.startswith("qemu.elf"):
                 continue
-            path, flat = str(DUMPS / name), None
-            if sniff(path) == "flattened":      # as on the host: libkdumpfile < 0.5.5
-                with open(path, "rb") as src:   # does not read the flattened stream
-                    flat = _reassemble_flattened(src, path)
-                path = f"/proc/{os.getpid()}/fd/{flat.fileno()}"
-            try:
-                p = subprocess.run([sys.executable, "-c", DRGN_FRAMES, path, json.dumps(want)],
-                                   capture_output=True, text=True,
-                                   pass_fds=(flat.fileno(),) if flat is not None else ())
-            finally:
-                if flat is not None:
-                    flat.close()
+            p = subprocess.run([sys.executable, "-c", DRGN_FRAMES, str(DUMPS / name),
+                                json.dumps(want)], capture_output=True, text=True)
             results[name] = {"rc": p.returncode, "out": p.stdout, "err": p.stderr[-2000:]}
         (DUMPS / "guest-drgn.json").write_text(json.dumps(results))
     # what this test costs the row, for the CI budget
