@@ -23,6 +23,7 @@ from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
                     group_pud_index, invert_espfix_stack, pte_slots, pud_slots)
 from .pagetable import (FLAGS_MASK, PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_NX,
                         PAGE_PRESENT, PAGE_RW, PAGE_USER, decode_flags)
+from .errors import PageFiltered
 from .state import EspfixState
 
 __all__ = ["Finding", "AuditResult", "audit", "CHECKS", "SEVERITIES",
@@ -508,8 +509,12 @@ def check_numa(ctx: Context) -> Iterable[Finding]:
 def audit(state: EspfixState) -> AuditResult:
     ctx = Context(state)
     findings: list[Finding] = []
-    for _name, fn in CHECKS:
-        findings.extend(fn(ctx))
+    for name, fn in CHECKS:
+        try:
+            findings.extend(fn(ctx))
+        except PageFiltered as e:      # a crash dump without the page this check reads
+            findings.append(Finding(name, "info", f"could not run: {e.cause}",
+                                    details={"filtered_page": f"{e.paddr:#x}"}))
     bad: set[int] = set()
     for f in findings:
         if f.severity == "info":

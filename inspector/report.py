@@ -15,7 +15,8 @@ from .audit import AuditResult, Finding
 from .exercise import COULD_NOT_RUN, FINDING_VERDICTS, RoundTrip
 from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
                     Randomness, format_cpu_list, page_and_slot)
-from .errors import InspectError
+from .crash import CrashContext, dump_crash_context, dump_notes
+from .errors import InspectError, PageFiltered
 from .state import EspfixState, FrameUnreadable
 
 __all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
@@ -108,6 +109,8 @@ def validate_json(state: EspfixState, result: AuditResult) -> dict:
     kernel["cpus_possible"] = format_cpu_list(state.possible)
     kernel["cpus_online"] = format_cpu_list(state.online)
     kernel["cpus_initialised"] = format_cpu_list(c for c, s in state.cpus.items() if s.initialised)
+    if dump_notes(state):
+        kernel["notes"] = dump_notes(state)
     return {"ok": result.ok, "summary": _summary(result), "kernel": kernel,
             "findings": [f.as_dict() for f in result.findings],
             "cpus": _cpu_rows(state, result)}
@@ -117,7 +120,8 @@ def _kernel_lines(state: EspfixState) -> list[str]:
     i = state.info
     return [f"kernel {i.osrelease}: {i.levels}-level paging, PTI {'on' if i.pti else 'off'}, "
             f"KASLR offset {i.kaslr_offset:#x}, per-CPU {i.percpu}",
-            f"source: {i.core} with symbols from {i.symbols}"]
+            f"source: {i.core} with symbols from {i.symbols}",
+            *[f"note: {n}" for n in dump_notes(state)]]
 
 
 def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False) -> str:
@@ -187,6 +191,10 @@ def _stack_rows(state: EspfixState, cpus: Iterable[int]) -> list[dict]:
             row["phys"] = _h(None if w.phys is None else w.phys | (st.espfix_stack & 0xFFF))
             try:
                 frame = state.frame(cpu)
+            except PageFiltered:
+                # an in-use ministack page is neither cache, user nor free memory:
+                # makedumpfile can only have dropped it as a zero page
+                row["frame_state"] = "all zero, filtered"
             except FrameUnreadable as e:
                 row["frame_error"] = e.cause
             else:
@@ -197,9 +205,18 @@ def _stack_rows(state: EspfixState, cpus: Iterable[int]) -> list[dict]:
 
 
 def stacks_json(state: EspfixState, cpus: Iterable[int]) -> dict:
-    return {"kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
-                       "pti": state.info.pti},
-            "cpus": _stack_rows(state, cpus)}
+    rows = _stack_rows(state, cpus)
+    doc = {"kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
+                      "pti": state.info.pti},
+           "cpus": rows}
+    crash = dump_crash_context(state)            # crash dumps only
+    if crash is not None:
+        doc["kernel"]["notes"] = dump_notes(state)
+        doc["crash"] = {k: v for k, v in crash.as_dict().items() if k != "cpus"}
+        for r in rows:
+            cc = crash.cpus.get(r["cpu"])
+            r["crash"] = cc.as_dict() if cc is not None else None
+    return doc
 
 
 def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
@@ -217,12 +234,41 @@ def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
     head.append(f"ministacks: {sum(1 for r in rows if r['espfix_stack'])} of {len(rows)} "
                 f"CPU(s) set up, {sum(1 for r in rows if r['frame'])} hold an IRET frame "
                 f"(slot = last espfix return on that CPU; {ESPFIX_STACKS_PER_PAGE} slots/page)")
+    filtered = [r["cpu"] for r in rows if r.get("frame_state")]
+    if filtered:
+        head.append(f"filtered: the ministack page of CPU(s) {format_cpu_list(filtered)} is "
+                    "not in the dump (dropped as a zero page: all zero, filtered)")
     tail = [f"cpu {r['cpu']}: frame unreadable: {r['frame_error']}"
             for r in rows if r["frame_error"]]
-    return "\n".join(head) + "\n\n" + tabulate(
+    text = "\n".join(head) + "\n\n" + tabulate(
         table, headers=["CPU", "ESPFIX_STACK", "ESPFIX_WADDR", "PHYS", "PG/SLOT",
                         *[k.upper() for k in FRAME_WORDS]],
         tablefmt="simple", disable_numparse=True) + "".join("\n" + t for t in tail)
+    crash = dump_crash_context(state)            # crash dumps only
+    if crash is not None:
+        text += "\n\n" + crash_text(crash, [r["cpu"] for r in rows])
+    return text
+
+
+def crash_text(crash: CrashContext, cpus: list[int]) -> str:
+    """The crash-context table of ``stacks`` on a dump."""
+    head = [f"registers at crash time: {crash.source}"]
+    if crash.panic_cpu is not None:
+        head.append(f"panic_cpu: {crash.panic_cpu}")
+    head += [f"note: {n}" for n in crash.notes]
+    rows = []
+    for cpu in cpus:
+        c = crash.cpus.get(cpu)
+        if c is None:
+            rows.append([cpu, "-", "(no registers)", "", "", ""])
+            continue
+        r = c.regs
+        rows.append([cpu, "user" if c.user_mode else "kernel",
+                     f"{r.get('rip', 0):#x}", c.rip_symbol or "",
+                     f"{r.get('rsp', 0):#x}", c.verdict()])
+    return "\n".join(head) + "\n\n" + tabulate(
+        rows, headers=["CPU", "MODE", "RIP", "RIP SYMBOL", "RSP", "ESPFIX AT CRASH"],
+        tablefmt="simple", disable_numparse=True)
 
 
 # --------------------------------------------------------------------------- exercise

@@ -17,7 +17,7 @@ import bisect
 import struct
 from dataclasses import dataclass, field
 
-from .errors import InspectError
+from .errors import InspectError, PageFiltered
 from .hostfacts import HostFacts, read_host_facts
 from .model import ESPFIX_BASE_ADDR, ESPFIX_STACKS_PER_PAGE, FRAME_WORDS
 from .pagetable import PAGE_PRESENT, PageTableWalker, Step, Walk
@@ -196,6 +196,8 @@ class EspfixState:
             if fresh:
                 self.reader.mem.invalidate(w.phys)
             page = self.reader.mem.phys_page(w.phys)
+        except PageFiltered:
+            raise                   # a crash dump left the page out: the caller says so
         except InspectError as e:
             raise FrameUnreadable(e.cause) from None
         words = struct.unpack_from("<6Q", page, off)

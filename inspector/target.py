@@ -190,7 +190,12 @@ def _read_image(core: ElfCore, vaddr: int, syms: SymbolTable, info: VmcoreInfo) 
 def open_target(core_path: str = KCORE_PATH, symbols_path: str | None = None,
                 wrap=None) -> Target:
     """Open a core and its symbols.  *wrap* may wrap the memory source
-    (e.g. :class:`~inspector.memory.RecordingMemory` for snapshots)."""
+    (e.g. :class:`~inspector.memory.RecordingMemory` for snapshots).  Crash dumps
+    (kdump-compressed, ELF vmcores) go to :mod:`inspector.dumptarget`."""
+    if core_path != KCORE_PATH:
+        from .dumptarget import is_dump, open_dump_target
+        if is_dump(core_path):
+            return open_dump_target(core_path, symbols_path, wrap)
     core = ElfCore(core_path)
     try:
         if not core.vmcoreinfo:

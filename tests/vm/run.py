@@ -1,6 +1,12 @@
 """Boot one matrix row under QEMU/TCG and run a shell command in the guest as root.
 
-API:  run_in_vm(kernel, variant, command, timeout) -> VMResult
+API:  run_in_vm(kernel, variant, command, timeout, options=VMOptions(...)) -> VMResult
+
+VMOptions (all optional, additive to the variant) add QEMU arguments, kernel
+command-line words, a memory size, files copied into the share, a QMP monitor with
+a host-side request watcher (the guest asks for `dump-guest-memory` through a file in
+the share: see tests/vm/hostreq.py), and a `collect(share)` callback that runs on
+the host after the guest finished and before the share is removed.
 """
 from __future__ import annotations
 
@@ -11,10 +17,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .hostenv import HostError, require_tools
 from .image import STUB_PATH, Image, build
+from .hostreq import RequestWatcher
 from .kernels import Variant, get_kernel, get_variant
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +47,18 @@ class VMTimeout(VMError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class VMOptions:
+    """Per-run additions to a matrix row (the row itself is unchanged)."""
+    qemu_args: tuple[str, ...] = ()          # e.g. ("-device", "vmcoreinfo")
+    cmdline: tuple[str, ...] = ()            # e.g. ("crashkernel=256M",)
+    mem_mb: int | None = None                # instead of the variant's -m
+    share_files: Mapping[str, Path] = dataclasses.field(default_factory=dict)
+    qmp: bool = False                        # QMP socket + host request watcher
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)   # more guest env
+    collect: Callable[[Path], Any] | None = None   # called with the share dir at the end
+
+
 @dataclasses.dataclass
 class VMResult:
     returncode: int
@@ -47,6 +68,8 @@ class VMResult:
     boot_seconds: float | None = None     # guest uptime when the command started
     command_seconds: float | None = None  # guest time the command ran
     total_seconds: float = 0.0            # host wall time, qemu start to exit
+    requests: list = dataclasses.field(default_factory=list)   # host requests served
+    collected: Any = None                 # what options.collect returned
 
     def describe(self) -> str:
         boot = f"{self.boot_seconds:.1f}" if self.boot_seconds is not None else "?"
@@ -55,11 +78,16 @@ class VMResult:
                 f"command {cmd} s, total {self.total_seconds:.1f} s")
 
 
-def qemu_argv(img: Image, variant: Variant, share: Path, serial: Path) -> list[str]:
-    cmdline = " ".join((*BASE_CMDLINE, *variant.cmdline))
+def qemu_argv(img: Image, variant: Variant, share: Path, serial: Path,
+              options: VMOptions | None = None) -> list[str]:
+    opts = options or VMOptions()
+    cmdline = " ".join((*BASE_CMDLINE, *variant.cmdline, *opts.cmdline))
+    extra = list(opts.qemu_args)
+    if opts.qmp:
+        extra += ["-qmp", f"unix:{share / QMP_SOCKET},server=on,wait=off"]
     return [
         "qemu-system-x86_64", "-accel", "tcg,thread=multi",
-        *variant.qemu_args, "-m", str(variant.mem_mb),
+        *variant.qemu_args, "-m", str(opts.mem_mb or variant.mem_mb), *extra,
         "-display", "none", "-monitor", "none", "-serial", f"file:{serial}",
         "-no-reboot", "-snapshot",
         "-kernel", str(img.vmlinuz), "-initrd", str(img.initrd), "-append", cmdline,
@@ -69,8 +97,16 @@ def qemu_argv(img: Image, variant: Variant, share: Path, serial: Path) -> list[s
     ]
 
 
-def _prepare_share(share: Path, kernel: str, variant: Variant, command: str) -> None:
+#: QMP socket in the share directory (host side only; the guest never sees sockets).
+QMP_SOCKET = "qmp.sock"
+
+
+def _prepare_share(share: Path, kernel: str, variant: Variant, command: str,
+                   options: VMOptions | None = None) -> None:
+    opts = options or VMOptions()
     shutil.copytree(PROJECT_ROOT, share / "tree", ignore=TREE_IGNORE, symlinks=True)
+    for name, src in opts.share_files.items():
+        shutil.copyfile(src, share / name)
     shutil.copyfile(GUEST_INIT, share / "guest-init.sh")
     (share / "cmd.sh").write_text(command + "\n")
     env = {
@@ -82,7 +118,11 @@ def _prepare_share(share: Path, kernel: str, variant: Variant, command: str) -> 
         "ESPFIX_VM_EXPECT_PRESENT": variant.expect_present,
         "ESPFIX_VM_EXPECT_ONLINE": variant.expect_online,
         "ESPFIX_VM_EXPECT_NODES": variant.expect_nodes,
-        "ESPFIX_VM_CMDLINE_EXTRA": " ".join(variant.cmdline),
+        "ESPFIX_VM_CMDLINE_EXTRA": " ".join((*variant.cmdline, *opts.cmdline)),
+        "ESPFIX_VM_MEM_MB": str(opts.mem_mb or variant.mem_mb),
+        "ESPFIX_VM_HOST_REQUESTS": "1" if opts.qmp else "0",
+        "ESPFIX_VM_QEMU_EXTRA": " ".join(opts.qemu_args),
+        **opts.env,
     }
     (share / "env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
     (share / "out").mkdir()
@@ -100,7 +140,7 @@ def _tail(text: str, n: int = 40) -> str:
 
 
 def run_in_vm(kernel: str, variant: str, command: str, timeout: float = 600.0, *,
-              keep_share: bool | None = None) -> VMResult:
+              keep_share: bool | None = None, options: VMOptions | None = None) -> VMResult:
     """Boot `kernel`/`variant` (building the image if needed) and run `command`
     (a /bin/sh script) as root in the guest, cwd = a copy of the project tree.
 
@@ -116,14 +156,19 @@ def run_in_vm(kernel: str, variant: str, command: str, timeout: float = 600.0, *
     share = Path(tempfile.mkdtemp(prefix=f"espfix-vm-{kernel}-{variant}-"))
     serial = share / "serial.log"
     proc: subprocess.Popen[bytes] | None = None
+    watcher: RequestWatcher | None = None
+    opts = options or VMOptions()
     try:
-        _prepare_share(share, kernel, v, command)
-        argv = qemu_argv(img, v, share, serial)
+        _prepare_share(share, kernel, v, command, opts)
+        argv = qemu_argv(img, v, share, serial, opts)
         (share / "qemu-argv").write_text(shlex.join(argv) + "\n")
         t0 = time.monotonic()
         with open(share / "qemu.log", "wb") as qlog:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+            if opts.qmp:
+                watcher = RequestWatcher(share, share / QMP_SOCKET, proc)
+                watcher.start()
             try:
                 qemu_rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -133,6 +178,8 @@ def run_in_vm(kernel: str, variant: str, command: str, timeout: float = 600.0, *
                 raise VMTimeout(f"{kernel}:{variant}: VM timed out after {timeout:.0f} s "
                                 f"(qemu killed); serial log tail:\n{_tail(log)}", log) from None
         total = time.monotonic() - t0
+        if watcher is not None:
+            watcher.stop()
         out = share / "out"
         log = _read(serial)
         rc_text = _read(out / "rc").strip()
@@ -144,9 +191,14 @@ def run_in_vm(kernel: str, variant: str, command: str, timeout: float = 600.0, *
         boot = float(times["command"]) if "command" in times else None
         ran = (float(times["end"]) - float(times["command"])
                if {"end", "command"} <= times.keys() else None)
-        return VMResult(int(rc_text), _read(out / "stdout"), _read(out / "stderr"), log,
-                        boot, ran, total)
+        res = VMResult(int(rc_text), _read(out / "stdout"), _read(out / "stderr"), log,
+                       boot, ran, total, watcher.served if watcher is not None else [])
+        if opts.collect is not None:
+            res.collected = opts.collect(share)
+        return res
     finally:
+        if watcher is not None:
+            watcher.stop()
         if proc is not None and proc.poll() is None:   # Ctrl-C, SystemExit, anything
             proc.kill()
             proc.wait()
@@ -157,4 +209,5 @@ def run_in_vm(kernel: str, variant: str, command: str, timeout: float = 600.0, *
             shutil.rmtree(share, ignore_errors=True)
 
 
-__all__ = ["VMResult", "VMError", "VMTimeout", "HostError", "run_in_vm", "qemu_argv"]
+__all__ = ["VMResult", "VMOptions", "VMError", "VMTimeout", "HostError", "run_in_vm",
+           "qemu_argv"]
