@@ -1,4 +1,4 @@
-"""CLI: python3 -m tests.vm {list,build,run,observe,pins,ensure-tools}  (see README.md)."""
+"""CLI: python3 -m tests.vm {list,build,run,observe,pins,ensure-tools,oldest}  (see README.md)."""
 from __future__ import annotations
 
 import argparse
@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--variant", help="default: every variant of the kernel")
     sub.add_parser("pins", help="show pinned vs current kernel ABIs in the archive")
     sub.add_parser("ensure-tools", help="apt-get install qemu-system-x86, debootstrap")
+    old = sub.add_parser("oldest", help="run the host suite under the oldest claimed Python "
+                         "(Debian bullseye's 3.9, in a cached chroot)")
+    old.add_argument("--build-only", action="store_true", help="only build or reuse the chroot")
+    old.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                     help="-- then extra pytest arguments")
     a = p.parse_args(argv)
 
     # SIGTERM -> SystemExit so that finally blocks kill qemu and unmount chroots.
@@ -107,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(a)
         if a.cmd == "observe":
             return _cmd_observe(a)
+        if a.cmd == "oldest":
+            from . import oldest
+            if a.build_only:
+                print(oldest.build())
+                return 0
+            extra = a.pytest_args[1:] if a.pytest_args[:1] == ["--"] else a.pytest_args
+            return oldest.run_suite(extra)
         if a.cmd == "pins":
             from .pins import main as pins_main
             return pins_main()
