@@ -15,6 +15,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
+from .journal import prefix, stream_is_journal
 from .model import (ESPFIX_MAX_CPUS, Randomness, cpu_layout, format_cpu_list, group_layouts,
                     memory_cost, parse_cpu_list)
 from .target import KCORE_PATH
@@ -205,7 +206,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if args.json:
             print(dumps(validate_json(state, result)))
         else:
-            print(validate_text(state, result, args.verbose))
+            print(validate_text(state, result, args.verbose,
+                                journal=stream_is_journal(1)))
     return EXIT_OK if result.ok else EXIT_FINDINGS
 
 
@@ -300,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_CANNOT_INSPECT
     except InspectError as e:
-        print(f"{PROG}: {e.line()}", file=sys.stderr)
+        print(f"{prefix('error', stream_is_journal(2))}{PROG}: {e.line()}", file=sys.stderr)
         return EXIT_CANNOT_INSPECT
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
