@@ -45,9 +45,13 @@ def _command_text(words: list[str]) -> str:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    get_variant(a.kernel, a.variant)
+    v = get_variant(a.kernel, a.variant)
+    deb = None
+    if v.init == "systemd":
+        from .deb import vm_deb
+        deb = Path(a.deb).resolve() if a.deb else vm_deb()
     res = run_in_vm(a.kernel, a.variant, _command_text(a.command), a.timeout,
-                    keep_share=a.keep or None)
+                    keep_share=a.keep or None, deb=deb)
     sys.stdout.write(res.stdout)
     sys.stdout.flush()
     sys.stderr.write(res.stderr)
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--variant", required=True)
     r.add_argument("--keep", action="store_true", help="keep the share dir for debugging")
     r.add_argument("--serial", action="store_true", help="also print the serial log")
+    r.add_argument("--deb", metavar="FILE", help="systemd variants: the .deb to install "
+                   "(default: $ESPFIX_VM_DEB, else built with .ci/deb)")
     r.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- then the command (one word = shell snippet)")
     o.add_argument("--variant", help="default: every variant of the kernel")

@@ -9,10 +9,11 @@ import os
 
 import pytest
 
-from .kernels import matrix, parse_rows
+from .hostenv import HostError
+from .kernels import get_variant, matrix, parse_rows
 from .run import VMError, run_in_vm
 
-GUEST_PYTEST = "python3 -m pytest -q -rs -p no:cacheprovider tests/guest"
+GUEST_PYTEST = "python3 -m pytest -q -rs -p no:cacheprovider {tests}"
 ROWS = parse_rows(os.environ["ESPFIX_VM_ROWS"]) if os.environ.get("ESPFIX_VM_ROWS") \
     else matrix()
 
@@ -21,9 +22,15 @@ ROWS = parse_rows(os.environ["ESPFIX_VM_ROWS"]) if os.environ.get("ESPFIX_VM_ROW
 @pytest.mark.parametrize(("kernel", "variant"), ROWS, ids=[f"{k}-{v}" for k, v in ROWS])
 def test_guest_suite(kernel: str, variant: str) -> None:
     timeout = float(os.environ.get("ESPFIX_VM_TIMEOUT", "900"))
+    v = get_variant(kernel, variant)
     try:
-        res = run_in_vm(kernel, variant, GUEST_PYTEST, timeout)
-    except VMError as e:
+        deb = None
+        if v.init == "systemd":          # the deployed path: boots with the .deb installed
+            from .deb import vm_deb
+            deb = vm_deb()
+        res = run_in_vm(kernel, variant, GUEST_PYTEST.format(tests=v.guest_tests), timeout,
+                        deb=deb)
+    except (VMError, HostError) as e:
         pytest.fail(str(e), pytrace=False)
     print(f"{kernel}:{variant}: {res.describe()}\n{res.stdout}{res.stderr}")
     if res.returncode != 0:
