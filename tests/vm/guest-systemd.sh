@@ -14,7 +14,9 @@
 # enabled by their packages); only the .deb comes in through the share.
 SHARE=/mnt/share
 OUT=$SHARE/out
-PROJECT=/tmp/project
+# guest-init.sh copied the tree to /tmp/project, but systemd-tmpfiles-setup empties /tmp
+# at boot (tmpfiles.d/tmp.conf "D /tmp"): the tree moves to /run, which it leaves alone.
+PROJECT=/run/espfix-project
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 
 say() { echo "espfix-vm: $*" >/dev/console; }
@@ -51,6 +53,7 @@ fail() {  # a boot that cannot be set up still reports: status 97 and the reason
 
 read -r t_init _ </proc/uptime
 echo "$t_init" >/run/espfix-vm-init-time
+mv /tmp/project $PROJECT || fail "mv /tmp/project $PROJECT"
 set -- $SHARE/deb/*.deb
 [ -f "$1" ] || fail "no .deb in the share (run_in_vm(deb=...))"
 dpkg -i "$@" >$OUT/dpkg.log 2>&1 || fail "dpkg -i $*: $(tail -3 $OUT/dpkg.log)"
@@ -62,19 +65,20 @@ say "dpkg -i $(basename "$1") done at uptime ${t_dpkg}s"
 systemctl enable espfix-inspect-watch.service >>$OUT/dpkg.log 2>&1 ||
     fail "systemctl enable espfix-inspect-watch.service"
 
-# Prometheus: scrape the local node_exporter every 2 s, evaluate the shipped rules.
+# Prometheus: scrape the local node_exporter every 5 s (a full default node_exporter
+# scrape must fit in the timeout under TCG), evaluate the shipped rules as often.
 cat >/etc/prometheus/prometheus.yml <<'EOF'
 # espfix-inspect test VM (tests/vm/guest-systemd.sh): short intervals for the test
 global:
-  scrape_interval: 2s
-  scrape_timeout: 2s
-  evaluation_interval: 2s
+  scrape_interval: 5s
+  scrape_timeout: 5s
+  evaluation_interval: 5s
 rule_files:
   - /usr/share/espfix-inspect/prometheus/espfix-inspect.rules.yml
 scrape_configs:
   - job_name: node
     static_configs:
-      - targets: ['localhost:9100']
+      - targets: ['127.0.0.1:9100']   # Go resolves localhost by DNS without /etc/hosts
 EOF
 
 cat >/etc/systemd/system/espfix-vm-test.service <<EOF
