@@ -118,7 +118,8 @@ def run_suite(pytest_args: list[str]) -> int:
                "PYTHONDONTWRITEBYTECODE": "1"}
         cmd = ["chroot", str(rootfs), "/bin/sh", "-c",
                f"cd {PROJECT_IN_CHROOT} && exec python3 -m pytest -q -rs "
-               f"-p no:cacheprovider tests " + " ".join(map(_quote, pytest_args))]
+               f"-p no:cacheprovider --basetemp={PROJECT_IN_CHROOT}/.pytest-tmp tests "
+               + " ".join(map(_quote, pytest_args))]   # basetemp goes with the tree
         t0 = time.monotonic()
         try:
             with chroot_mounts(rootfs):
