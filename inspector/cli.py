@@ -15,6 +15,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
+from .journal import prefix, stream_is_journal
 from .safetext import print_out
 from .model import (ESPFIX_MAX_CPUS, Randomness, cpu_layout, format_cpu_list, group_layouts,
                     memory_cost, parse_cpu_list)
@@ -206,7 +207,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if args.json:
             print_out(dumps(validate_json(state, result)))
         else:
-            print_out(validate_text(state, result, args.verbose))
+            print_out(validate_text(state, result, args.verbose,
+                                    journal=stream_is_journal(1)))
     return EXIT_OK if result.ok else EXIT_FINDINGS
 
 
@@ -311,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   err=True)
         return EXIT_CANNOT_INSPECT
     except InspectError as e:
-        print_out(f"{PROG}: {e.line()}", err=True)
+        print_out(f"{prefix('error', stream_is_journal(2))}{PROG}: {e.line()}", err=True)
         return EXIT_CANNOT_INSPECT
     except KeyboardInterrupt:
         print_out(f"{PROG}: interrupted", err=True)

@@ -314,6 +314,18 @@ def _open_core(path: str) -> BinaryIO:
                                    "boot without lockdown=confidentiality (integrity mode "
                                    "allows /proc/kcore), or inspect a kdump vmcore "
                                    "offline") from None
+            if stat.S_IMODE(st.st_mode) == 0:
+                # the kernel's kcore is 0400; 0000 is a node mounted over it
+                raise InspectError(f"permission denied opening {path} as root: an "
+                                   "inaccessible node is mounted over it (mode 0000; "
+                                   "systemd's ProtectKernelTunables=yes or InaccessiblePaths= "
+                                   "do that)", "run without that sandboxing option") from None
+            if _has_effective_cap(CAP_SYS_RAWIO) is False:
+                raise InspectError(f"permission denied opening {path} as root: CAP_SYS_RAWIO "
+                                   "is not in this process's effective capabilities (dropped "
+                                   "by a bounding set: systemd's PrivateDevices=yes or "
+                                   "CapabilityBoundingSet=, a container, capsh)",
+                                   "run with CAP_SYS_RAWIO in the initial namespace") from None
             if mode is not None:
                 raise InspectError(f"permission denied opening {path} as root with lockdown="
                                    f"{mode} ({how}): CAP_SYS_RAWIO is missing (a container "
@@ -324,6 +336,22 @@ def _open_core(path: str) -> BinaryIO:
                                "boot without lockdown, or inspect a kdump vmcore offline") from None
         raise InspectError(f"permission denied opening {path}",
                            "make the core readable, or run as root") from None
+
+
+#: include/uapi/linux/capability.h; open_kcore() in fs/proc/kcore.c checks it
+CAP_SYS_RAWIO = 17
+
+
+def _has_effective_cap(cap: int, status: str = "/proc/self/status") -> bool | None:
+    """Whether *cap* is in this process's CapEff (proc(5)); None when unknown."""
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def lockdown_state() -> tuple[str | None, str]:

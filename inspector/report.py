@@ -13,6 +13,7 @@ from tabulate import tabulate
 
 from .audit import AuditResult, Finding
 from .exercise import COULD_NOT_RUN, FINDING_VERDICTS, RoundTrip
+from .journal import prefix
 from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
                     Randomness, format_cpu_list, page_and_slot)
 from .crash import CrashContext, dump_crash_context, dump_notes
@@ -124,7 +125,11 @@ def _kernel_lines(state: EspfixState) -> list[str]:
             *[f"note: {n}" for n in dump_notes(state)]]
 
 
-def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False) -> str:
+def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False,
+                  journal: bool = False) -> str:
+    """The readable report.  ``journal``: stdout is the systemd journal, so each
+    error/warning finding row and the verdict line carry a ``<3>``/``<4>``
+    priority prefix (inspector.journal)."""
     out = _kernel_lines(state)
     if result.rnd is not None:
         src = "the page_random/slot_random statics" if result.rnd_source == "statics" \
@@ -150,16 +155,22 @@ def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False
     else:
         out.append(f"(per-CPU table of {len(rows)} CPUs omitted: use -v or --json)")
     out.append("")
+    worst = None
     if result.findings:
+        ordered = _ordered(result.findings)
+        worst = ordered[0].severity
         frows = [[f.severity, f.check, "" if f.cpu is None else f.cpu, f.message]
-                 for f in _ordered(result.findings)]
-        out.append(tabulate(frows, headers=["SEVERITY", "CHECK", "CPU", "MESSAGE"],
-                            tablefmt="simple", disable_numparse=True))
+                 for f in ordered]
+        table = tabulate(frows, headers=["SEVERITY", "CHECK", "CPU", "MESSAGE"],
+                         tablefmt="simple", disable_numparse=True).split("\n")
+        if journal and len(table) == len(ordered) + 2:      # header, rule, one line per row
+            table[2:] = [prefix(f.severity, True) + line for f, line in zip(ordered, table[2:])]
+        out.extend(table)
         out.append("")
     c = _summary(result)
     verdict = "OK" if result.ok else "FINDINGS"
-    out.append(f"result: {verdict} ({c['error']} error(s), {c['warning']} warning(s), "
-               f"{c['info']} info)")
+    out.append(f"{prefix(worst, journal)}result: {verdict} ({c['error']} error(s), "
+               f"{c['warning']} warning(s), {c['info']} info)")
     return "\n".join(out)
 
 

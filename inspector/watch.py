@@ -54,7 +54,7 @@ from .model import ESPFIX_STACKS_PER_PAGE, format_cpu_list, parse_cpu_list
 from .state import EspfixState, load_state
 from .target import KCORE_PATH, Target, open_target
 
-__all__ = ["WatchConfig", "read_config", "build_config", "CpuEvent", "parse_uevent", "UeventSource",
+__all__ = ["event_severity", "WatchConfig", "read_config", "build_config", "CpuEvent", "parse_uevent", "UeventSource",
            "SysfsPollSource", "RoundResult", "Watcher", "event_text", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = "/etc/espfix-inspect/watch.conf"
@@ -790,3 +790,21 @@ def event_text(ev: dict) -> str:
     else:
         text = f"{kind}: {ev}"
     return f"{t} {text}".strip()
+
+
+def event_severity(ev: dict) -> str | None:
+    """"error" or "warning" for an event the journal should rank above info, else None.
+
+    A new finding keeps its own severity; a round that could not inspect and an
+    error event are errors; a hotplugged CPU that failed its check is a warning
+    (its findings follow as finding events).  ``watch`` turns this into a
+    ``<3>``/``<4>`` prefix when stdout is the journal (inspector.journal).
+    """
+    kind = ev.get("event")
+    if kind == "finding":
+        return ev.get("severity") if ev.get("change") == "new" else None
+    if kind == "error" or (kind == "round" and not ev.get("up", True)):
+        return "error"
+    if kind == "hotplug" and ev.get("possible") and not ev.get("ok", True):
+        return "warning"
+    return None

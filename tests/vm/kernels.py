@@ -38,6 +38,9 @@ class Variant:
     description: str = ""
     guest_args: str = "tests/guest"     # what test_matrix's in-guest pytest runs
     timeout_s: float = 900.0            # test_matrix's VM time limit (ESPFIX_VM_TIMEOUT wins)
+    # "script": guest-init.sh is PID 1 and runs the command; "systemd": the .deb is
+    # installed and systemd boots, a unit runs the command (guest-systemd.sh)
+    init: str = "script"
 
 
 KERNELS: dict[str, Kernel] = {
@@ -91,6 +94,15 @@ VARIANTS: dict[str, dict[str, Variant]] = {
         "maxcpus2": Variant("maxcpus2", _CPU_L5 + _SMP4, ("maxcpus=2",),
                             expect_possible="0-3", expect_online="0-1",
                             description="4 CPUs present, kernel brings up 2"),
+        # The deployed path: the .deb, systemd as PID 1, node_exporter and Prometheus.
+        # systemd.wants= pulls boot-complete.target in, as systemd-bless-boot-generator
+        # does where boot counting is used, so the validate unit's ordering is real.
+        "systemd": Variant("systemd", _CPU_L5 + ("-smp", "2"),
+                           ("systemd.wants=boot-complete.target",),
+                           expect_possible="0-1", expect_present="0-1", expect_online="0-1",
+                           init="systemd", guest_args="tests/guest/test_deploy.py",
+                           description="systemd as PID 1, the .deb, node_exporter, "
+                                       "Prometheus"),
         "lockdown": Variant("lockdown", _CPU_L5 + ("-smp", "2"),
                             ("lockdown=confidentiality",), expect_possible="0-1",
                             expect_present="0-1", expect_online="0-1",

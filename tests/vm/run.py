@@ -28,6 +28,7 @@ from .kernels import Variant, get_kernel, get_variant
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 GUEST_INIT = Path(__file__).resolve().with_name("guest-init.sh")
+GUEST_SYSTEMD = Path(__file__).resolve().with_name("guest-systemd.sh")
 TREE_IGNORE = shutil.ignore_patterns(
     ".git", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache",
     ".venv", "venv", ".tox", "build", "dist", "*.egg-info",
@@ -102,12 +103,16 @@ QMP_SOCKET = "qmp.sock"
 
 
 def _prepare_share(share: Path, kernel: str, variant: Variant, command: str,
-                   options: VMOptions | None = None) -> None:
+                   options: VMOptions | None = None, deb: Path | None = None) -> None:
     opts = options or VMOptions()
     shutil.copytree(PROJECT_ROOT, share / "tree", ignore=TREE_IGNORE, symlinks=True)
     for name, src in opts.share_files.items():
         shutil.copyfile(src, share / name)
     shutil.copyfile(GUEST_INIT, share / "guest-init.sh")
+    shutil.copyfile(GUEST_SYSTEMD, share / "guest-systemd.sh")
+    if deb is not None:
+        (share / "deb").mkdir()
+        shutil.copyfile(deb, share / "deb" / deb.name)
     (share / "cmd.sh").write_text(command + "\n")
     env = {
         "ESPFIX_VM": "guest",
@@ -122,6 +127,7 @@ def _prepare_share(share: Path, kernel: str, variant: Variant, command: str,
         "ESPFIX_VM_MEM_MB": str(opts.mem_mb or variant.mem_mb),
         "ESPFIX_VM_HOST_REQUESTS": "1" if opts.qmp else "0",
         "ESPFIX_VM_QEMU_EXTRA": " ".join(opts.qemu_args),
+        "ESPFIX_VM_INIT": variant.init,
         **opts.env,
     }
     (share / "env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
@@ -140,15 +146,22 @@ def _tail(text: str, n: int = 40) -> str:
 
 
 def run_in_vm(kernel: str, variant: str, command: str, timeout: float = 600.0, *,
-              keep_share: bool | None = None, options: VMOptions | None = None) -> VMResult:
+              keep_share: bool | None = None, options: VMOptions | None = None,
+              deb: Path | None = None) -> VMResult:
     """Boot `kernel`/`variant` (building the image if needed) and run `command`
     (a /bin/sh script) as root in the guest, cwd = a copy of the project tree.
+    Variants with init "systemd" need `deb`, the package the guest installs before it
+    execs systemd (tests/vm/deb.py builds one).
 
     Returns the command's status and output; raises VMTimeout if qemu outlives
     `timeout` seconds (image build time not included) and VMError if the guest never
     reported a status.  qemu is killed and reaped on every path, Ctrl-C included.
     """
     v = get_variant(kernel, variant)
+    if v.init == "systemd" and deb is None:
+        raise VMError(f"{kernel}:{variant} boots systemd with the Debian package installed: "
+                      f"pass deb= (python3 -m tests.vm run --deb FILE, or let tests/vm/deb.py "
+                      f"build it)")
     require_tools("qemu-system-x86_64")
     img = build(kernel)
     if keep_share is None:
@@ -159,7 +172,7 @@ def run_in_vm(kernel: str, variant: str, command: str, timeout: float = 600.0, *
     watcher: RequestWatcher | None = None
     opts = options or VMOptions()
     try:
-        _prepare_share(share, kernel, v, command, opts)
+        _prepare_share(share, kernel, v, command, opts, deb)
         argv = qemu_argv(img, v, share, serial, opts)
         (share / "qemu-argv").write_text(shlex.join(argv) + "\n")
         t0 = time.monotonic()

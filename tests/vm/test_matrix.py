@@ -17,6 +17,7 @@ import os
 import pytest
 
 from .dumpcheck import check_share, host_cannot_read_dumps
+from .hostenv import HostError
 from .kernels import get_variant, matrix, parse_rows
 from .run import VMError, VMOptions, run_in_vm
 
@@ -57,9 +58,13 @@ def test_guest_suite(kernel: str, variant: str) -> None:
     timeout = float(os.environ.get("ESPFIX_VM_TIMEOUT", v.timeout_s))
     opts = dump_options(kernel, variant)
     try:
+        deb = None
+        if v.init == "systemd":          # the deployed path: boots with the .deb installed
+            from .deb import vm_deb
+            deb = vm_deb()
         res = run_in_vm(kernel, variant, f"{GUEST_PYTEST} {v.guest_args}", timeout,
-                        options=opts)
-    except VMError as e:
+                        options=opts, deb=deb)
+    except (VMError, HostError) as e:
         pytest.fail(str(e), pytrace=False)
     print(f"{kernel}:{variant}: {res.describe()}\n{res.stdout}{res.stderr}")
     if res.returncode != 0:
