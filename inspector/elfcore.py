@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -314,7 +315,11 @@ def _open_core(path: str) -> BinaryIO:
                                    "boot without lockdown=confidentiality (integrity mode "
                                    "allows /proc/kcore), or inspect a kdump vmcore "
                                    "offline") from None
-            if stat.S_IMODE(st.st_mode) == 0:
+            try:
+                st: os.stat_result | None = os.stat(path)
+            except OSError:
+                st = None
+            if st is not None and stat.S_IMODE(st.st_mode) == 0:
                 # the kernel's kcore is 0400; 0000 is a node mounted over it
                 raise InspectError(f"permission denied opening {path} as root: an "
                                    "inaccessible node is mounted over it (mode 0000; "
