@@ -6,7 +6,6 @@ a fresh `validate` of that CPU, and prints.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import time
 
@@ -14,7 +13,8 @@ from .errors import EXIT_OK, InspectError
 from .model import parse_cpu_list
 from .safetext import print_out
 from .target import KCORE_PATH
-from .trace_summary import render_text, summarize, summary_json
+from .trace_output import JsonTrace, TextTrace
+from .trace_summary import summarize
 
 EXAMPLES = """examples:
     espfix-inspect trace                 # everything, until Ctrl-C
@@ -146,28 +146,19 @@ class LiveVerifier:
             self.target = None
 
 
-def _init_line(ev: dict) -> str:
-    alloc = f"; allocated: {', '.join(ev['allocated'])}" if ev["allocated"] else ""
-    v = ev.get("validate")
-    ver = ""
-    if v is not None:
-        ver = f"; validate cpu {ev['target_cpu']}: {v['verdict']}"
-        if v["verdict"] == "not checked":
-            ver += f" ({v['why']})"
-        for f in v.get("findings", []):
-            ver += f"\n          {f['severity']} {f['check']}: {f['message']}"
-    return (f"cpu {ev['target_cpu']} brought up by cpu {ev['cpu']} (pid {ev['pid']} "
-            f"{ev['comm']}), {ev['latency_us']} us: {ev['outcome']}{alloc}{ver}")
-
-
-def _ldt_line(ev: dict) -> str:
-    head = f"pid {ev['pid']} ({ev['comm']}) modify_ldt({ev['func']:#x})"
-    if "entry" in ev:
-        bits = "16-bit" if ev["sixteen_bit"] else ("64-bit" if ev["lm"] else
-                                                    "32-bit" if ev["seg_32bit"] else "empty")
-        head += (f": entry {ev['entry']} (selector {ev['selector']}), {bits} {ev['kind']}, "
-                 f"base {ev['base']} limit {ev['limit']}")
-    return f"{head} -> {ev['ret']}"
+def _ebpf_listing(tr, want: set[str], sources: set[str] | None, pid: int | None) -> str:
+    """--ebpf: the program as it would be loaded here (symbols when kallsyms shows them)."""
+    try:
+        syms = tr.kernel_symbols()
+    except InspectError:
+        syms = None
+    plan = tr.Plan(init="init" in want, ldt="ldt" in want, holders="holders" in want,
+                   lock="init" in want and "lock" in want,
+                   returns=[i for i, (_c, ev, _i, _w) in enumerate(tr.RETURN_SOURCES)
+                            if sources is None or ev in sources] if "returns" in want else [],
+                   irq_regs=syms is not None and "__irq_regs" in syms)
+    text, flags = tr.program_text(plan, syms, pid)
+    return tr.ebpf_listing(text, flags)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -177,17 +168,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     want = _want(args)
     sources = _sources(args, tr)
     if args.ebpf:
-        try:
-            syms = tr.kernel_symbols()
-        except InspectError:
-            syms = None
-        plan = tr.Plan(init="init" in want, ldt="ldt" in want, holders="holders" in want,
-                       lock="init" in want and "lock" in want,
-                       returns=[i for i, (_c, ev, _i, _w) in enumerate(tr.RETURN_SOURCES)
-                                if sources is None or ev in sources] if "returns" in want else [],
-                       irq_regs=syms is not None and "__irq_regs" in syms)
-        text, flags = tr.program_text(plan, syms, args.pid)
-        print_out(tr.ebpf_listing(text, flags))
+        print_out(_ebpf_listing(tr, want, sources, args.pid))
         return EXIT_OK
     if args.duration is not None and args.duration <= 0:
         raise InspectError(f"duration {args.duration} must be positive", "give seconds, e.g. 10")
@@ -199,9 +180,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise InspectError("nothing can be traced on this kernel: " + "; ".join(plan.missing),
                            "see README, trace: requirements")
 
-    def emit(doc: dict, line: str) -> None:
-        print_out(json.dumps(doc) if args.json else line, flush=True)
-
+    out = (JsonTrace if args.json else TextTrace)(lambda text: print_out(text, flush=True),
+                                                  events=not args.summary)
     # Ctrl-C and SIGTERM end the trace between two polls, so that no event already
     # read from the ring buffers is dropped; SIGINT is set explicitly because a shell
     # leaves it ignored for background jobs.
@@ -218,43 +198,23 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     def handle(events: list[dict]) -> None:
         for ev in events:
-            # bpf_ktime_get_ns() is CLOCK_MONOTONIC, the clock of time.monotonic()
-            ts = ev["ts_ns"] / 1e9 - t0
             if ev["type"] == "init":
                 if not args.no_verify:
                     ev["validate"] = verifier.verify(ev["target_cpu"])
                 inits.append(ev)
-                line = f"{ts:9.3f}  INIT   {_init_line(ev)}"
-            else:
-                line = f"{ts:9.3f}  LDT    {_ldt_line(ev)}"
-            if not args.summary:
-                doc = {k: v for k, v in ev.items() if k != "ts_ns"}
-                emit({**doc, "t": round(ts, 3)}, line)
+            # bpf_ktime_get_ns() is CLOCK_MONOTONIC, the clock of time.monotonic()
+            out.event(ev, ev["ts_ns"] / 1e9 - t0)
 
     try:
         if plan.init:
             # The CPUs with a ministack once the probes are live: what the summary's
             # layout prediction starts from.
             before, before_source = verifier.initialised()
-        if not args.json:
-            emit({}, f"Tracing {plan.describe()}" + (f" for pid {args.pid}" if args.pid else "")
-                 + (f" for {args.duration:g} s" if args.duration else "") + ". Ctrl-C to end.")
-            for m in plan.missing:
-                emit({}, f"not traced: {m}")
-        else:
-            emit({"type": "start", "tracing": plan.describe(), "missing": plan.missing}, "")
+        out.start(plan.describe(), plan.missing, args.pid, args.duration)
         holders, walked, cut = session.ldt_holders()
         if plan.holders:
-            if args.json:
-                for h in holders:
-                    emit(h, "")
-            else:
-                names = ", ".join(f"{h['pid']} ({h['comm']}, {h['nr_entries']} entries)"
-                                  for h in holders) or "none"
-                emit({}, f"LDT holders now ({walked} processes walked"
-                         f"{', cut short' if cut else ''}): {names}")
-        if not args.json and not args.summary:
-            emit({}, f"{'TIME(s)':>9}  {'EVENT':6} DETAILS")
+            out.holders(holders, walked, cut)
+        out.ready()
         while not stop:
             left = None if args.duration is None else args.duration - (time.monotonic() - t0)
             if left is not None and left <= 0:
@@ -276,27 +236,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
         verifier.close()
     elapsed = time.monotonic() - t0
     if plan.returns:
-        if args.json:
-            for r in rows:
-                emit(r, "")
-        else:
-            from tabulate import tabulate
-            emit({}, f"\nreturns through espfix: {counted} counted of {looked} "
-                     f"return-to-user events seen in {elapsed:.1f} s")
-            if rows:
-                emit({}, tabulate([[r["cpu"], r["pid"], r["comm"], r["ss"], r["cs"],
-                                    r["source"], r["count"]] for r in rows],
-                                  headers=["CPU", "PID", "COMM", "SS", "CS", "SOURCE",
-                                           "COUNT"]))
+        out.returns(rows, looked, counted, elapsed)
     if plan.init:
-        summary = summarize(inits, before, before_source, plan.lock_why)
-        if args.json:
-            emit(summary_json(summary), "")
-        else:
-            emit({}, "\n" + "\n".join(render_text(summary)))
-    emit({"type": "end", "reason": reason, "seconds": round(elapsed, 3),
-          "looked": looked, "counted": counted},
-         f"ended ({reason}) after {elapsed:.1f} s; probes detached")
+        out.summary(summarize(inits, before, before_source, plan.lock_why))
+    out.end(reason, elapsed, looked, counted)
     return EXIT_OK
 
 

@@ -115,7 +115,9 @@ def _print(line: str) -> None:
 def cmd_watch(args: argparse.Namespace) -> int:
     from .journal import prefix, stream_is_journal
     from .prom import check_textfile_dir, render, write_textfile
-    from .watch import Watcher, build_config, event_severity, event_text
+    from .watch import Watcher
+    from .watch_config import build_config
+    from .watch_events import ErrorEvent, Event, event_json, event_severity, event_text
     overrides = {k: v for k, v in (("interval", args.interval), ("core", args.core),
                                    ("symbols", args.symbols), ("json", args.json),
                                    ("textfile", args.textfile), ("frames", args.frames),
@@ -127,15 +129,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     watcher: Watcher
     journal_out, journal_err = stream_is_journal(1), stream_is_journal(2)
 
-    def emit(ev: dict) -> None:
+    def emit(ev: Event) -> None:
         mark = prefix(event_severity(ev), journal_out)     # <3>/<4> for journalctl -p
         if watcher.config.json:
-            _print(mark + json.dumps(ev, separators=(",", ":")))
+            _print(mark + json.dumps(event_json(ev), separators=(",", ":")))
         else:
             _print(mark + event_text(ev))
-        if ev["event"] == "error":
-            print_out(f"{prefix('error', journal_err)}{PROG}: watch: {ev['message']}",
-                      err=True)
+        if isinstance(ev, ErrorEvent):
+            print_out(f"{prefix('error', journal_err)}{PROG}: watch: {ev.message}", err=True)
 
     def on_round(res) -> None:
         directory = watcher.config.textfile

@@ -17,7 +17,8 @@ import sys
 import pytest
 
 from inspector.journal import prefix, stream_is_journal
-from inspector.watch import event_severity
+from inspector.watch_events import (ErrorEvent, FindingEvent, HotplugEvent, RoundEvent,
+                                     StartEvent, event_severity)
 from tests.conftest import ROOT, kernel
 from tests.faults import BY_NAME
 
@@ -127,17 +128,21 @@ def test_watch_prefixes_new_findings(faulted, tmp_path):
     assert marked and all(json.loads(ln[3:])["event"] == "finding" for ln in marked)
 
 
+def _hotplug(ok: bool) -> HotplugEvent:
+    return HotplugEvent("t", 3, "online", "uevent", True, True, True, "0x1", ok, [])
+
+
 @pytest.mark.parametrize(("ev", "severity"), [
-    ({"event": "finding", "change": "new", "severity": "error"}, "error"),
-    ({"event": "finding", "change": "new", "severity": "warning"}, "warning"),
-    ({"event": "finding", "change": "new", "severity": "info"}, "info"),
-    ({"event": "finding", "change": "gone", "severity": "error"}, None),
-    ({"event": "error", "message": "x"}, "error"),
-    ({"event": "round", "up": False}, "error"),
-    ({"event": "round", "up": True, "ok": False}, None),
-    ({"event": "hotplug", "possible": True, "ok": False}, "warning"),
-    ({"event": "hotplug", "possible": True, "ok": True}, None),
-    ({"event": "start"}, None),
+    (FindingEvent("t", "new", {"severity": "error"}), "error"),
+    (FindingEvent("t", "new", {"severity": "warning"}), "warning"),
+    (FindingEvent("t", "new", {"severity": "info"}), "info"),
+    (FindingEvent("t", "gone", {"severity": "error"}), None),
+    (ErrorEvent("t", 1, "x"), "error"),
+    (RoundEvent("t", 1, "interval", False, False), "error"),
+    (RoundEvent("t", 1, "interval", True, False), None),
+    (_hotplug(False), "warning"),
+    (_hotplug(True), None),
+    (StartEvent("t", "0", 1, "/proc/kcore", None, 10.0, None, "off", None, None, True), None),
 ])
 def test_event_severity(ev, severity):
     assert event_severity(ev) == severity

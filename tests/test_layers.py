@@ -16,8 +16,9 @@ LEVEL = {
     "pagetable": 2,
     "state": 3,
     "kdump": 1, "kallsyms_mem": 1, "dumptarget": 1, "crash": 3,
-    "audit": 4, "snapshot": 5, "exercise": 5, "watch": 5,
-    "report": 6, "prom": 6, "diff": 6, "trace_summary": 6,
+    "hotplug": 1, "watch_config": 1,
+    "audit": 4, "snapshot": 5, "exercise": 5, "watch": 5, "watch_events": 5, "watch_diff": 5,
+    "report": 6, "prom": 6, "diff": 6, "trace_summary": 6, "trace_output": 6,
     "cli": 7, "trace_cli": 7, "watch_cli": 7, "__main__": 8, "__init__": 0,
 }
 

@@ -17,7 +17,8 @@ import pytest
 from inspector.cli import main
 from inspector.model import parse_cpu_list
 from inspector.prom import CHECK_NAMES, METRICS, TEXTFILE_NAME, render, write_textfile
-from inspector.watch import RoundResult, Watcher, WatchConfig
+from inspector.watch import RoundResult, Watcher
+from inspector.watch_config import WatchConfig
 from tests.conftest import ROOT, kernel
 from tests.faults import BY_NAME
 

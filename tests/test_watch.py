@@ -21,8 +21,10 @@ import pytest
 
 from inspector.cli import main
 from inspector.errors import InspectError
-from inspector.watch import (CpuEvent, SysfsPollSource, UeventSource, Watcher, WatchConfig,
-                             build_config, event_text, parse_uevent, read_config)
+from inspector.hotplug import CpuEvent, SysfsPollSource, UeventSource, parse_uevent
+from inspector.watch import Watcher
+from inspector.watch_config import WatchConfig, build_config, read_config
+from inspector.watch_events import Event, event_json, event_text
 from tests.conftest import ROOT, kernel
 from tests.faults import BY_NAME
 from tests.jsonproc import JsonLinesProc
@@ -53,8 +55,8 @@ class Sink:
     def __init__(self) -> None:
         self.events: list[dict] = []
 
-    def __call__(self, ev: dict) -> None:
-        self.events.append(ev)
+    def __call__(self, ev: Event) -> None:
+        self.events.append(event_json(ev))
         event_text(ev)                  # every event renders
 
     def of(self, kind: str) -> list[dict]:
