@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 
 from tests.guest.live import kcore_usable
@@ -74,25 +75,31 @@ class Build:
         self.dir = tempfile.mkdtemp(prefix="espfix-kmod-")
         shutil.copytree(KMOD_SRC, self.dir, dirs_exist_ok=True)
         kdir = kernel_build_dir()
-        self.t0 = time.monotonic()
-        self.seconds: float | None = None
+        self.seconds: float | None = None      # how long make ran
         self.output = ""
+        t0 = time.monotonic()
         self.proc = subprocess.Popen(["make", "-C", self.dir, f"KDIR={kdir}",
                                       f"KCC={kernel_cc(kdir)}"], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
+
+        def reap() -> None:
+            self.output = self.proc.communicate()[0]
+            self.seconds = time.monotonic() - t0
+        self._reaper = threading.Thread(target=reap, daemon=True)
+        self._reaper.start()
 
     @property
     def ko(self) -> str:
         return os.path.join(self.dir, f"{MODULE}.ko")
 
     def wait(self, timeout: float = 600) -> int:
-        if self.seconds is None:
-            self.output, _ = self.proc.communicate(timeout=timeout)
-            self.seconds = time.monotonic() - self.t0
+        self._reaper.join(timeout)
+        if self._reaper.is_alive():
+            raise TimeoutError(f"make of {MODULE} still running after {timeout} s")
         return self.proc.returncode
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self._reaper.join()
         shutil.rmtree(self.dir, ignore_errors=True)

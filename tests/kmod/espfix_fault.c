@@ -87,6 +87,13 @@
 #define GROUP_SPAN		(ESPFIX_PUD_CLONES * PUD_SIZE)	/* 4 GiB: one 1024-CPU group */
 #define MAX_WRITES		2
 
+/* PTI's option is CONFIG_MITIGATION_PAGE_TABLE_ISOLATION since v6.9 ("x86/bugs: Rename
+ * CONFIG_PAGE_TABLE_ISOLATION => CONFIG_MITIGATION_PAGE_TABLE_ISOLATION"; sid 7.2 has the
+ * new name, bookworm 6.1 the old one) */
+#if defined(CONFIG_PAGE_TABLE_ISOLATION) || defined(CONFIG_MITIGATION_PAGE_TABLE_ISOLATION)
+#define ESPFIX_FAULT_PTI 1
+#endif
+
 typedef unsigned long (*lookup_fn_t)(const char *name);
 typedef void (*flush_range_fn_t)(unsigned long start, unsigned long end);
 typedef void (*flush_all_fn_t)(void);
@@ -445,7 +452,7 @@ static int inject(const char *name, int cpu, long arg, bool has_arg)
 		     (unsigned long)page_address(scratch), false);
 		active.arg = cpu / ESPFIX_STACKS_PER_PAGE;
 	} else if (!strcmp(name, "pti_clear")) {
-#ifdef CONFIG_PAGE_TABLE_ISOLATION
+#ifdef ESPFIX_FAULT_PTI
 		pgd_t *upgd;
 		p4d_t *up4d;
 
