@@ -92,7 +92,7 @@ FAULTS = [
     Fault("waddr_off", "8", "per_cpu(espfix_waddr, n) off by 64 bytes", None, "cpu",
           ("espfix_waddr",)),
     Fault("pages_elsewhere", "9", "espfix_pages[n/64] points at another page", None, "page",
-          ("pte_clones",), per_cpu_checks=("espfix_waddr",)),
+          ("espfix_pages", "pte_clones"), per_cpu_checks=("espfix_waddr",)),
     Fault("pti_clear", "10", "the PTI user page tables' espfix entry cleared", None, "all",
           per_cpu_checks=("pti_walk",), kernel_wide=("pti",), needs="pti"),
 ]
