@@ -34,7 +34,8 @@
  *                             pti_clone_p4d(ESPFIX_BASE_ADDR) copied) cleared
  *
  * Addresses: the module resolves everything itself with kallsyms_lookup_name(),
- * whose address a kprobe gives (it is not exported since 5.7).  No address comes
+ * whose address a kprobe gives (not exported since Linux kernel commit 0bd476e6c671
+ * ("kallsyms: unexport kallsyms_lookup_name() and kallsyms_on_each_symbol()") (in v5.7)).  No address comes
  * from user space, so a bad test can at worst pick the wrong fault, never make
  * the module write somewhere else.  Page-table entries are found by walking
  * init_top_pgt to the CPU's espfix_stack, the way the CPU does.
