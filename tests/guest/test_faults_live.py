@@ -20,10 +20,11 @@ from the tool.  The observed table (kernel, paging, fault, checks, CPUs) is writ
 (tests/guest/conftest.py).
 
 This writes kernel memory, so it runs only inside the project's test VMs
-(ESPFIX_VM=guest) and, to keep CI within budget, only in the rows of FAULT_ROWS
-(ESPFIX_FAULTS=1 forces it in any row).  No task with an LDT runs while a fault is in
-place: nothing here uses ``exercise`` or modify_ldt, and the module refuses to inject
-while any task holds an LDT.
+(ESPFIX_VM=guest) and, to keep CI within budget, only in the rows of FAULT_ROWS in
+tests/guest/kmod.py (ESPFIX_FAULTS=1 forces it in any row).  tests/guest/conftest.py
+runs these tests after every other guest test and starts the module build at
+collection.  No task with an LDT runs while a fault is in place: nothing here uses
+``exercise`` or modify_ldt, and the module refuses to inject while any task holds one.
 """
 from __future__ import annotations
 
