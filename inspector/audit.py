@@ -186,8 +186,11 @@ def check_cpu_init(ctx: Context) -> Iterable[Finding]:
     never = []
     for cpu, st in ctx.state.cpus.items():
         if st.online and not st.initialised:
-            yield Finding("cpu_init", "error", "online but espfix_stack is 0: "
-                          "init_espfix_ap() never ran for it", cpu)
+            # init_espfix_ap() sets both words; a set espfix_waddr means it ran
+            why = (f"espfix_waddr is {st.espfix_waddr:#x}, so init_espfix_ap() ran and "
+                   "espfix_stack was cleared since") if st.espfix_waddr \
+                else "init_espfix_ap() never ran for it"
+            yield Finding("cpu_init", "error", f"online but espfix_stack is 0: {why}", cpu)
         elif not st.online and st.initialised:
             yield Finding("cpu_init", "info", "offline, initialised (the kernel never frees "
                           "espfix state)", cpu)
@@ -252,6 +255,7 @@ def check_espfix_pages(ctx: Context) -> Iterable[Finding]:
     every page in use; NULL for pages no CPU uses."""
     st = ctx.state
     used = ctx.used_pages
+    in_use = _stack_pages_in_use(ctx)
     for idx, va in enumerate(st.espfix_pages):
         if idx in used:
             if not va:
@@ -260,9 +264,31 @@ def check_espfix_pages(ctx: Context) -> Iterable[Finding]:
             elif va & 0xFFF or st.direct_map_pa(va) is None:
                 yield Finding("espfix_pages", "error", f"espfix_pages[{idx}] = {va:#x} is not a "
                               "page-aligned direct-map address", idx * 64)
+            elif in_use.get(idx) not in (None, st.direct_map_pa(va)):
+                yield Finding("espfix_pages", "error", f"espfix_pages[{idx}] = {va:#x} is page "
+                              f"{st.direct_map_pa(va):#x}, but its CPUs' ministacks are on page "
+                              f"{in_use[idx]:#x} (their espfix_stack maps it, their espfix_waddr "
+                              "point into it): a CPU of this page brought online next would get "
+                              "a wrong espfix_waddr", idx * 64, affects=_page_cpus(idx))
         elif va:
             yield Finding("espfix_pages", "warning", f"espfix_pages[{idx}] = {va:#x} but no CPU "
                           f"of {idx * 64}-{idx * 64 + 63} has a ministack", idx * 64)
+
+
+def _stack_pages_in_use(ctx: Context) -> dict[int, int]:
+    """espfix_pages index -> the physical stack page its CPUs use, where the walks of
+    their ``espfix_stack`` and their ``espfix_waddr`` all agree on one page (two
+    independent records of where ``init_espfix_ap()`` put it)."""
+    st = ctx.state
+    seen: dict[int, set[int | None]] = {}
+    for cpu in _initialised(ctx):
+        c = st.cpus[cpu]
+        w = st.walk(c.espfix_stack)
+        waddr = st.direct_map_pa(c.espfix_waddr)
+        pages = seen.setdefault(cpu // ESPFIX_STACKS_PER_PAGE, set())
+        pages.add(None if w.phys is None else w.phys & ~0xFFF)
+        pages.add(None if waddr is None else waddr & ~0xFFF)
+    return {idx: p.pop() for idx, p in seen.items() if len(p) == 1 and None not in p}
 
 
 @check("espfix_waddr")
@@ -477,8 +503,8 @@ def check_pti(ctx: Context) -> Iterable[Finding]:
         return
     k, u = st.top_entry(), st.top_entry(user=True)
     if u is None or not u.entry & PAGE_PRESENT:
-        yield Finding("pti", "error", "PTI is on but the user page tables have no espfix entry: "
-                      "pti_setup_espfix64() did not run, every espfix IRET would fault")
+        yield Finding("pti", "error", "PTI is on but the user page tables have no espfix entry "
+                      "(pti_setup_espfix64() copies it at boot): every espfix IRET would fault")
     elif k is not None and u.entry != k.entry:
         yield Finding("pti", "error", f"PTI user espfix entry {u.entry:#x} differs from the "
                       f"kernel's {k.entry:#x}")

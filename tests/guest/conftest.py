@@ -1,8 +1,34 @@
-"""Guest-suite reporting: the fault table test_faults_live.py observed, printed at the end
-of the run so that it reaches the VM harness's output (and CI logs)."""
+"""Guest-suite plumbing for the fault tests (test_faults_live.py):
+
+- they run last, after every other guest test: nothing that takes an LDT (exercise,
+  trace's modify_ldt) runs while a fault is in place, and no other test sees a kernel
+  that had faults in it;
+- the test-only module's build starts at collection, so its 40-70 s under TCG overlap
+  the other tests instead of adding to the row;
+- the fault table they observed is printed at the end of the run, so it reaches the VM
+  harness's output and CI logs.
+"""
 from __future__ import annotations
 
 import pytest
+
+FAULT_FILE = "test_faults_live.py"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    faults = [i for i in items if i.path.name == FAULT_FILE]
+    if not faults:
+        return
+    items[:] = [i for i in items if i.path.name != FAULT_FILE] + faults
+    from tests.guest.kmod import Build, cannot_build, why_not_here
+    if why_not_here() is None and cannot_build() is None:
+        config.espfix_kmod_build = Build()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    build = getattr(config, "espfix_kmod_build", None)
+    if build is not None:
+        build.close()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,

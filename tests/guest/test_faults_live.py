@@ -20,56 +20,36 @@ from the tool.  The observed table (kernel, paging, fault, checks, CPUs) is writ
 (tests/guest/conftest.py).
 
 This writes kernel memory, so it runs only inside the project's test VMs
-(ESPFIX_VM=guest) and, to keep CI within budget, only in the rows of FAULT_ROWS
-(ESPFIX_FAULTS=1 forces it in any row).  No task with an LDT runs while a fault is in
-place: nothing here uses ``exercise`` or modify_ldt, and the module refuses to inject
-while any task holds an LDT.
+(ESPFIX_VM=guest) and, to keep CI within budget, only in the rows of FAULT_ROWS in
+tests/guest/kmod.py (ESPFIX_FAULTS=1 forces it in any row).  tests/guest/conftest.py
+runs these tests after every other guest test and starts the module build at
+collection.  No task with an LDT runs while a fault is in place: nothing here uses
+``exercise`` or modify_ldt, and the module refuses to inject while any task holds one.
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.guest.live import cpulist, kcore_usable
+from tests.guest.kmod import MODULE, Build, cannot_build, why_not_here
+from tests.guest.live import cpulist
 from tests.jsonproc import JsonLinesProc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KMOD_SRC = os.path.join(ROOT, "tests", "kmod")
 TOOL = [sys.executable, "-m", "inspector"]
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 DEBUGFS = "/sys/kernel/debug/espfix_fault"
-MODULE = "espfix_fault"
-#: the rows that run the fault tests (issue 11: a 5-level and a 4-level+PTI row on 6.1
-#: and on 7.x); the other rows skip them to keep CI within its budget
-FAULT_ROWS = ("bookworm:l5", "bookworm:pti", "sid:l5", "sid:l4pti")
 WATCH_INTERVAL = "1"
 TOOL_TIMEOUT = 300
 
-
-def _why_not() -> str | None:
-    if os.environ.get("ESPFIX_VM") != "guest":
-        return ("loads a module that corrupts the kernel's espfix state: runs only inside "
-                "the project's test VMs (ESPFIX_VM=guest, python3 -m tests.vm run ...)")
-    usable, why = kcore_usable()
-    if not usable:
-        return why
-    row = f"{os.environ.get('ESPFIX_VM_KERNEL')}:{os.environ.get('ESPFIX_VM_VARIANT')}"
-    if row not in FAULT_ROWS and os.environ.get("ESPFIX_FAULTS") != "1":
-        return (f"fault injection runs in rows {', '.join(FAULT_ROWS)} only (CI time); "
-                f"this is {row}: set ESPFIX_FAULTS=1 to force it")
-    return None
-
-
-_WHY = _why_not()
+_WHY = why_not_here()
 pytestmark = [pytest.mark.guest, pytest.mark.skipif(_WHY is not None, reason=_WHY or "-")]
 
 
@@ -86,14 +66,15 @@ class Fault:
     per_cpu_checks: tuple[str, ...] = ()  # checks that must fire for every CPU in scope
     walks: bool = False     # the walk of espfix_stack goes through the broken entry
     kernel_wide: tuple[str, ...] = ()     # checks that fire with no CPU
-    pti: bool = False       # needs PTI
+    needs: str | None = None               # a /proc/cpuinfo flag the fault needs
 
 
 FAULTS = [
     Fault("pte_rw", "1", "PTE clone 5 of the stack page gets _PAGE_RW", 5, "page",
           ("pte_clones", "pte_prot")),
     Fault("pte_user", "2", "PTE clone 9 gets _PAGE_USER", 9, "page", ("pte_clones", "pte_prot")),
-    Fault("pte_nx", "2", "PTE clone 13 loses _PAGE_NX", 13, "page", ("pte_clones", "pte_prot")),
+    Fault("pte_nx", "2", "PTE clone 13 loses _PAGE_NX", 13, "page", ("pte_clones", "pte_prot"),
+          needs="nx"),
     Fault("pte_elsewhere", "3", "PTE clone 0 (the one espfix_stack uses) maps another page", 0,
           "page", ("pte_clones",), walks=True),
     Fault("pmd_clear", "4", "PMD clone 300 of the group cleared", 300, "group",
@@ -112,9 +93,9 @@ FAULTS = [
     Fault("waddr_off", "8", "per_cpu(espfix_waddr, n) off by 64 bytes", None, "cpu",
           ("espfix_waddr",)),
     Fault("pages_elsewhere", "9", "espfix_pages[n/64] points at another page", None, "page",
-          ("pte_clones",), per_cpu_checks=("espfix_waddr",)),
+          ("espfix_pages", "pte_clones"), per_cpu_checks=("espfix_waddr",)),
     Fault("pti_clear", "10", "the PTI user page tables' espfix entry cleared", None, "all",
-          per_cpu_checks=("pti_walk",), kernel_wide=("pti",), pti=True),
+          per_cpu_checks=("pti_walk",), kernel_wide=("pti",), needs="pti"),
 ]
 
 
@@ -267,7 +248,8 @@ class Lab:
     status: dict[str, str]
     rows: list[dict] = dataclasses.field(default_factory=list)
     t_start: float = 0.0
-    t_build: float = 0.0
+    t_build: float = 0.0        # make, from its start (maybe at collection)
+    t_ready: float = 0.0        # this fixture's wait for build, watch and baseline
     loaded: bool = True
 
     def control(self, line: str) -> None:
@@ -283,15 +265,6 @@ class Lab:
         return out
 
 
-def _kernel_cc(kdir: str) -> str | None:
-    try:
-        with open(os.path.join(kdir, ".config")) as f:
-            m = re.search(r'^CONFIG_CC_VERSION_TEXT="(\S+)', f.read(), re.M)
-    except OSError:
-        return None
-    return m.group(1) if m else None
-
-
 def _rmmod() -> None:
     if os.path.isdir(f"/sys/module/{MODULE}"):
         subprocess.run(["rmmod", MODULE], check=False, timeout=60)
@@ -300,25 +273,19 @@ def _rmmod() -> None:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
     t0 = time.monotonic()
-    kver = os.uname().release
-    kdir = f"/lib/modules/{kver}/build"
-    if not os.path.exists(os.path.join(kdir, "Makefile")):
-        pytest.skip(f"no kernel headers at {kdir}: install linux-headers-{kver}")
-    cc = _kernel_cc(kdir)
-    if cc is None or shutil.which(cc) is None:
-        pytest.skip(f"the kernel's compiler {cc!r} (CONFIG_CC_VERSION_TEXT) is not installed")
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed in this guest")
     if os.path.isdir(f"/sys/module/{MODULE}"):
         pytest.fail(f"{MODULE} is already loaded: a previous run did not unload it")
+    build = getattr(request.config, "espfix_kmod_build", None)   # started by conftest.py
+    own_build = build is None
+    if own_build:
+        why = cannot_build()
+        if why is not None:
+            pytest.skip(why)
+        build = Build()
     tmp = str(tmp_path_factory.mktemp("faults"))
-    build = os.path.join(tmp, "kmod")
-    shutil.copytree(KMOD_SRC, build)
     textfile = os.path.join(tmp, "textfile")
     os.mkdir(textfile)
-    # the build (tens of seconds under TCG) overlaps the watch's start and the baseline
-    make = subprocess.Popen(["make", "-C", build, f"KDIR={kdir}", f"KCC={cc}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a build still running overlaps the watch's start and the baseline validate
     watch = Watch(textfile)
     lab_obj: Lab | None = None
     try:
@@ -326,11 +293,8 @@ def lab(tmp_path_factory, request):
         assert rc == 0, f"the kernel must be clean before any fault: {out}{err}"
         baseline = json.loads(out)
         watch.wait_round(1, 240)
-        build_out, _ = make.communicate(timeout=600)
-        t_build = time.monotonic() - t0
-        assert make.returncode == 0, f"module build failed:\n{build_out}"
-        ins = subprocess.run(["insmod", os.path.join(build, f"{MODULE}.ko")],
-                             capture_output=True, text=True, timeout=120)
+        assert build.wait() == 0, f"module build failed:\n{build.output}"
+        ins = subprocess.run(["insmod", build.ko], capture_output=True, text=True, timeout=120)
         if ins.returncode != 0:
             if "Key was rejected" in ins.stderr or "Operation not permitted" in ins.stderr:
                 pytest.skip(f"this kernel refuses unsigned modules: {ins.stderr.strip()}")
@@ -338,13 +302,11 @@ def lab(tmp_path_factory, request):
         k = baseline["kernel"]
         lab_obj = Lab(tmp, watch, k["osrelease"], k["levels"], cpuinfo_has("pti"),
                       cpulist(open("/sys/devices/system/cpu/online").read()), baseline, {},
-                      t_start=t0, t_build=t_build)
+                      t_start=t0, t_build=build.seconds or 0.0,
+                      t_ready=time.monotonic() - t0)
         lab_obj.status = lab_obj.read_status()
         yield lab_obj
     finally:
-        if make.poll() is None:
-            make.kill()
-            make.wait()
         if lab_obj is not None and os.path.exists(f"{DEBUGFS}/control"):
             try:
                 lab_obj.control("revert")
@@ -352,6 +314,8 @@ def lab(tmp_path_factory, request):
                 pass                              # ENOENT: nothing in place
         _rmmod()
         watch.kill()
+        if own_build:
+            build.close()
         if lab_obj is not None:
             # printed at the end of the run by tests/guest/conftest.py
             request.config.espfix_fault_table = _write_table(lab_obj)
@@ -370,12 +334,21 @@ def _write_table(lab: Lab) -> str:
     row_name = f"{os.environ.get('ESPFIX_VM_KERNEL')}:{os.environ.get('ESPFIX_VM_VARIANT')}"
     paging = f"{lab.levels}-level" + (", PTI" if lab.pti else "")
     total = time.monotonic() - lab.t_start
-    lines = [f"# {row_name} ({lab.osrelease}): {len(lab.rows)} fault(s) in {total:.0f} s "
-             f"(module build + watch start {lab.t_build:.0f} s)", ""]
+    rounds = [e["cost"]["cpu_seconds"] for e in lab.watch.events if e["event"] == "round"]
+    mean = sum(rounds) / len(rounds) if rounds else 0.0
+    lines = [f"# {row_name} ({lab.osrelease}): {len(lab.rows)} fault(s), {total:.0f} s in all, "
+             f"{lab.t_ready:.0f} s of it waiting for the module build, the watch's first "
+             f"round and the baseline (make ran {lab.t_build:.0f} s); watch: {len(rounds)} "
+             f"rounds, {mean * 1000:.0f} ms CPU each", ""]
     for r in lab.rows:
         lines.append(f"| {lab.osrelease} | {paging} | {r['fault']} ({r['detail']}) | "
                      f"{r['checks']} | {r['cpus']} | {r['watch']} | {r['seconds']:.0f} s "
                      f"(faulted {r['t_tools']:.0f} s, reverted {r['t_after']:.0f} s) |")
+    lines.append("")
+    for r in lab.rows:                  # what the tool said, for the README
+        lines += [f"{r['fault']}:", *(f"    {m}" for m in r["messages"])]
+    for r in lab.rows[-1:]:
+        lines += ["", f"$ espfix-inspect validate     # during {r['fault']}", r["text"]]
     with open(_table_path(), "w") as f:
         f.write("\n".join(lines) + "\n")
     return _table_path()
@@ -427,8 +400,9 @@ def bad_cpus(doc: dict) -> set[int]:
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_fault_is_caught_and_reverted(lab, fault):
-    if fault.pti and not lab.pti:
-        pytest.skip(f"{fault.name} needs PTI (this row runs without it)")
+    if fault.needs is not None and not cpuinfo_has(fault.needs):
+        pytest.skip(f"{fault.name} needs the {fault.needs!r} CPU flag, which this row "
+                    f"has not (/proc/cpuinfo)")
     t0 = time.monotonic()
     cpu = lab.online[-1]                     # the last online CPU: never CPU 0 here
     want, want_bad = expected(lab, fault, cpu)
@@ -441,8 +415,6 @@ def test_fault_is_caught_and_reverted(lab, fault):
     try:
         lab.control(f"inject {fault.name} {cpu}{arg}")
     except OSError as e:
-        if e.errno == errno.EOPNOTSUPP:
-            pytest.skip(f"{fault.name}: not possible on this kernel/CPU (EOPNOTSUPP)")
         raise AssertionError(f"inject {fault.name} failed: {e}\n{_dmesg_tail()}") from None
     injected = True
     try:
@@ -525,7 +497,10 @@ def test_fault_is_caught_and_reverted(lab, fault):
                 f"{','.join(map(str, sorted(bad_cpus(doc)))) or '-'}",
         "watch": f"new in round {max(new.values())} (injected after {r_before}), "
                  f"gone in {max(gone.values())} (reverted after {r_revert})",
-        "seconds": time.monotonic() - t0, "t_tools": t_tools, "t_after": t_after})
+        "seconds": time.monotonic() - t0, "t_tools": t_tools, "t_after": t_after,
+        "messages": [f"{f['severity']} {f['check']} {'' if f['cpu'] is None else f['cpu']}: "
+                     f"{f['message']}" for f in doc["findings"]],
+        "text": text})
 
 
 def test_unload_restores_a_fault_in_place(lab):

@@ -34,7 +34,8 @@
  *                             pti_clone_p4d(ESPFIX_BASE_ADDR) copied) cleared
  *
  * Addresses: the module resolves everything itself with kallsyms_lookup_name(),
- * whose address a kprobe gives (it is not exported since 5.7).  No address comes
+ * whose address a kprobe gives (not exported since Linux kernel commit 0bd476e6c671
+ * ("kallsyms: unexport kallsyms_lookup_name() and kallsyms_on_each_symbol()") (in v5.7)).  No address comes
  * from user space, so a bad test can at worst pick the wrong fault, never make
  * the module write somewhere else.  Page-table entries are found by walking
  * init_top_pgt to the CPU's espfix_stack, the way the CPU does.
@@ -86,6 +87,13 @@
 #define ESPFIX_PUD_CLONES	4
 #define GROUP_SPAN		(ESPFIX_PUD_CLONES * PUD_SIZE)	/* 4 GiB: one 1024-CPU group */
 #define MAX_WRITES		2
+
+/* PTI's option is CONFIG_MITIGATION_PAGE_TABLE_ISOLATION since v6.9 ("x86/bugs: Rename
+ * CONFIG_PAGE_TABLE_ISOLATION => CONFIG_MITIGATION_PAGE_TABLE_ISOLATION"; sid 7.2 has the
+ * new name, bookworm 6.1 the old one) */
+#if defined(CONFIG_PAGE_TABLE_ISOLATION) || defined(CONFIG_MITIGATION_PAGE_TABLE_ISOLATION)
+#define ESPFIX_FAULT_PTI 1
+#endif
 
 typedef unsigned long (*lookup_fn_t)(const char *name);
 typedef void (*flush_range_fn_t)(unsigned long start, unsigned long end);
@@ -445,7 +453,7 @@ static int inject(const char *name, int cpu, long arg, bool has_arg)
 		     (unsigned long)page_address(scratch), false);
 		active.arg = cpu / ESPFIX_STACKS_PER_PAGE;
 	} else if (!strcmp(name, "pti_clear")) {
-#ifdef CONFIG_PAGE_TABLE_ISOLATION
+#ifdef ESPFIX_FAULT_PTI
 		pgd_t *upgd;
 		p4d_t *up4d;
 

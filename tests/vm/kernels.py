@@ -37,7 +37,7 @@ class Variant:
     expect_nodes: str = "0"             # /sys/devices/system/node/online
     description: str = ""
     guest_args: str = "tests/guest"     # what test_matrix's in-guest pytest runs
-    timeout_s: float = 900.0            # test_matrix's VM time limit (ESPFIX_VM_TIMEOUT wins)
+    timeout_s: float = 1500.0            # test_matrix's VM time limit (ESPFIX_VM_TIMEOUT wins)
     # "script": guest-init.sh is PID 1 and runs the command; "systemd": the .deb is
     # installed and systemd boots, a unit runs the command (guest-systemd.sh)
     init: str = "script"

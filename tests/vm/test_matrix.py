@@ -1,8 +1,8 @@
 """Boot every matrix row once and run the in-guest test suite (tests/guest) as root.
 
 Selected only with ESPFIX_VM=1 or `-m vm`; ESPFIX_VM_ROWS=bookworm:l5,sid narrows the rows;
-ESPFIX_VM_TIMEOUT (seconds, default: the variant's timeout_s, 900 for the default rows)
-bounds each VM run.
+ESPFIX_VM_TIMEOUT (seconds, default: the variant's timeout_s, 1500 for the default rows:
+a fault-test row took 13 min on a host shared with another VM) bounds each VM run.
 
 The rows in DUMP_ROWS also get a QMP monitor and `-device vmcoreinfo`: their guest suite
 (tests/guest/test_dump_live.py) asks the hypervisor for dumps after `exercise`, and the
