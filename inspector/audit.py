@@ -24,6 +24,7 @@ from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
                     group_pud_index, invert_espfix_stack, pte_slots, pud_slots)
 from .pagetable import (FLAGS_MASK, PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_NX,
                         PAGE_PRESENT, PAGE_RW, PAGE_USER, decode_flags)
+from .errors import PageFiltered
 from .records import dataclass, field
 from .state import DIRECT_MAP_SIZE, EspfixState
 from .symbols import MASK64
@@ -145,19 +146,72 @@ def _initialised(ctx: Context) -> list[int]:
     return ctx.initialised
 
 
+#: ``CONFIG_PHYSICAL_ALIGN`` is at least 2 MiB on x86-64 (arch/x86/Kconfig: "range
+#: 0x200000 0x1000000 if X86_64"); KASLR moves the image, and phys_base follows the
+#: load address, in multiples of it (arch/x86/boot/compressed/kaslr.c).
+PHYSICAL_ALIGN_MIN = 0x200000
+
+
+@check("cpu_masks")
+def check_cpu_masks(ctx: Context) -> Iterable[Finding]:
+    """The CPU masks agree with each other and with ``nr_cpu_ids``: online is a subset
+    of possible (``set_cpu_online()`` only marks possible CPUs), at least one CPU is
+    online (the one that wrote the state), and ``nr_cpu_ids`` is the last possible CPU
+    plus one (``setup_nr_cpu_ids()``, kernel/smp.c) with no mask bit at or above it.
+    A core that breaks these cannot be trusted for the per-CPU checks either."""
+    st = ctx.state
+    possible = set(st.possible)
+    stray = sorted(set(st.online) - possible)
+    if stray:
+        yield Finding("cpu_masks", "error", f"CPUs {format_cpu_list(stray)} are online but not "
+                      "possible: the CPU masks are corrupt (these CPUs are not checked)",
+                      None, {"cpus": format_cpu_list(stray)})
+    if not st.online:
+        yield Finding("cpu_masks", "error", "no CPU is online in __cpu_online_mask: the mask "
+                      "is corrupt (a running kernel has at least the CPU that wrote it)")
+    nr = st.info.nr_cpu_ids
+    if st.possible and st.possible[-1] + 1 != nr:
+        yield Finding("cpu_masks", "error", f"nr_cpu_ids is {nr} but the last possible CPU "
+                      f"is {st.possible[-1]} (setup_nr_cpu_ids() makes them agree)")
+    if not st.possible:
+        yield Finding("cpu_masks", "error", "no CPU is possible in __cpu_possible_mask: the "
+                      "mask is corrupt")
+    for mask, cpus in sorted(st.beyond_nr_cpu_ids.items()):
+        if cpus:
+            yield Finding("cpu_masks", "error", f"the {mask} mask has CPUs "
+                          f"{format_cpu_list(cpus)} set, at or beyond nr_cpu_ids ({nr})",
+                          None, {"cpus": format_cpu_list(cpus)})
+
+
+@check("kernel_image")
+def check_kernel_image(ctx: Context) -> Iterable[Finding]:
+    """The KASLR offset and ``phys_base`` are multiples of ``CONFIG_PHYSICAL_ALIGN``;
+    anything else cannot come from a booted kernel, and every image address the
+    inspector translated through them is suspect."""
+    info = ctx.state.info
+    for name, value in (("KASLR offset (VMCOREINFO KERNELOFFSET)", info.kaslr_offset),
+                        ("phys_base", info.phys_base)):
+        if value % PHYSICAL_ALIGN_MIN:
+            yield Finding("kernel_image", "error", f"the {name} {value:#x} is not a multiple "
+                          f"of {PHYSICAL_ALIGN_MIN:#x} (CONFIG_PHYSICAL_ALIGN): the core's "
+                          "VMCOREINFO is inconsistent")
+
+
 @check("cpu_init")
 def check_cpu_init(ctx: Context) -> Iterable[Finding]:
     """Online CPUs must have a ministack; others are reported as facts."""
     never = []
     for cpu, st in ctx.state.cpus.items():
-        if st.online:
-            if not st.espfix_stack:
-                yield Finding("cpu_init", "error", "online but espfix_stack is 0: "
-                              "init_espfix_ap() never ran for it", cpu)
-        elif st.espfix_stack:
+        if st.online and not st.initialised:
+            # init_espfix_ap() sets both words; a set espfix_waddr means it ran
+            why = (f"espfix_waddr is {st.espfix_waddr:#x}, so init_espfix_ap() ran and "
+                   "espfix_stack was cleared since") if st.espfix_waddr \
+                else "init_espfix_ap() never ran for it"
+            yield Finding("cpu_init", "error", f"online but espfix_stack is 0: {why}", cpu)
+        elif not st.online and st.initialised:
             yield Finding("cpu_init", "info", "offline, initialised (the kernel never frees "
                           "espfix state)", cpu)
-        else:
+        elif not st.online:
             never.append(cpu)
     if never:
         yield Finding("cpu_init", "info",
@@ -243,6 +297,7 @@ def check_espfix_pages(ctx: Context) -> Iterable[Finding]:
     every page in use; NULL for pages no CPU uses."""
     st = ctx.state
     used = ctx.used_pages
+    in_use = _stack_pages_in_use(ctx)
     for idx, va in enumerate(st.espfix_pages):
         if idx in used:
             if not va:
@@ -251,9 +306,31 @@ def check_espfix_pages(ctx: Context) -> Iterable[Finding]:
             elif va & 0xFFF or st.direct_map_pa(va) is None:
                 yield Finding("espfix_pages", "error", f"espfix_pages[{idx}] = {va:#x} is not a "
                               "page-aligned direct-map address", idx * 64)
+            elif in_use.get(idx) not in (None, st.direct_map_pa(va)):
+                yield Finding("espfix_pages", "error", f"espfix_pages[{idx}] = {va:#x} is page "
+                              f"{st.direct_map_pa(va):#x}, but its CPUs' ministacks are on page "
+                              f"{in_use[idx]:#x} (their espfix_stack maps it, their espfix_waddr "
+                              "point into it): a CPU of this page brought online next would get "
+                              "a wrong espfix_waddr", idx * 64, affects=_page_cpus(idx))
         elif va:
             yield Finding("espfix_pages", "warning", f"espfix_pages[{idx}] = {va:#x} but no CPU "
                           f"of {idx * 64}-{idx * 64 + 63} has a ministack", idx * 64)
+
+
+def _stack_pages_in_use(ctx: Context) -> dict[int, int]:
+    """espfix_pages index -> the physical stack page its CPUs use, where the walks of
+    their ``espfix_stack`` and their ``espfix_waddr`` all agree on one page (two
+    independent records of where ``init_espfix_ap()`` put it)."""
+    st = ctx.state
+    seen: dict[int, set[int | None]] = {}
+    for cpu in _initialised(ctx):
+        c = st.cpus[cpu]
+        w = st.walk(c.espfix_stack)
+        waddr = st.direct_map_pa(c.espfix_waddr)
+        pages = seen.setdefault(cpu // ESPFIX_STACKS_PER_PAGE, set())
+        pages.add(None if w.phys is None else w.phys & ~0xFFF)
+        pages.add(None if waddr is None else waddr & ~0xFFF)
+    return {idx: p.pop() for idx, p in seen.items() if len(p) == 1 and None not in p}
 
 
 @check("espfix_waddr")
@@ -479,8 +556,8 @@ def check_pti(ctx: Context) -> Iterable[Finding]:
         return
     k, u = st.top_entry(), st.top_entry(user=True)
     if u is None or not u.entry & PAGE_PRESENT:
-        yield Finding("pti", "error", "PTI is on but the user page tables have no espfix entry: "
-                      "pti_setup_espfix64() did not run, every espfix IRET would fault")
+        yield Finding("pti", "error", "PTI is on but the user page tables have no espfix entry "
+                      "(pti_setup_espfix64() copies it at boot): every espfix IRET would fault")
     elif k is not None and u.entry != k.entry:
         yield Finding("pti", "error", f"PTI user espfix entry {u.entry:#x} differs from the "
                       f"kernel's {k.entry:#x}")
@@ -511,8 +588,12 @@ def check_numa(ctx: Context) -> Iterable[Finding]:
 def audit(state: EspfixState) -> AuditResult:
     ctx = Context(state)
     findings: list[Finding] = []
-    for _name, fn in CHECKS:
-        findings.extend(fn(ctx))
+    for name, fn in CHECKS:
+        try:
+            findings.extend(fn(ctx))
+        except PageFiltered as e:      # a crash dump without the page this check reads
+            findings.append(Finding(name, "info", f"could not run: {e.cause}",
+                                    details={"filtered_page": f"{e.paddr:#x}"}))
     bad: set[int] = set()
     for f in findings:
         if f.severity == "info":

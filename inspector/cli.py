@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
+from .journal import prefix, stream_is_journal
+from .safetext import print_out
 from .model import (ESPFIX_MAX_CPUS, Randomness, cpu_layout, format_cpu_list, group_layouts,
                     memory_cost, parse_cpu_list)
 from .target import KCORE_PATH
@@ -68,11 +70,11 @@ def terminal_columns() -> int:
 def _cpu_list(text: str) -> list[int]:
     try:
         cpus = parse_cpu_list(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad CPU list {text!r} (use e.g. 0-3,8)") from None
-    if cpus and cpus[-1] >= ESPFIX_MAX_CPUS:
-        raise argparse.ArgumentTypeError(f"CPU {cpus[-1]} is beyond ESPFIX_MAX_CPUS "
-                                         f"({ESPFIX_MAX_CPUS})")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad CPU list {text[:40]!r}: {e} (use e.g. 0-3,8; "
+                                         f"CPUs 0..{ESPFIX_MAX_CPUS - 1})") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError("the CPU list is empty (use e.g. 0-3,8)")
     return cpus
 
 
@@ -207,7 +209,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
     layouts = [cpu_layout(c, rnd, args.levels) for c in cpus]
     groups = group_layouts(cpus, rnd)
     cost = memory_cost(cpus)
-    print(layout_text(layouts, groups, cost, rnd, args.levels, not args.summary))
+    print_out(layout_text(layouts, groups, cost, rnd, args.levels, not args.summary))
     return EXIT_OK
 
 
@@ -229,9 +231,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     with target.core:
         result = audit(state)
         if args.json:
-            write_validate_json(sys.stdout, state, result)
+            write_validate_json(sys.stdout, state, result)     # ASCII JSON: nothing to escape
         else:
-            print(validate_text(state, result, args.verbose))
+            print_out(validate_text(state, result, args.verbose,
+                                    journal=stream_is_journal(1)))
     return EXIT_OK if result.ok else EXIT_FINDINGS
 
 
@@ -248,7 +251,7 @@ def cmd_stacks(args: argparse.Namespace) -> int:
         if args.json:
             write_stacks_json(sys.stdout, state, cpus)
         else:
-            print(stacks_text(state, cpus))
+            print_out(stacks_text(state, cpus))
     return EXIT_OK
 
 
@@ -260,9 +263,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         raise InspectError(f"directory {out_dir} does not exist", "create it or pick another -o")
     summary = take_snapshot(args.core, args.symbols, args.output)
     if args.json:
-        print(dumps(summary))
+        print_out(dumps(summary))
     else:
-        print(f"wrote {summary['file']}: {summary['bytes']} bytes, {summary['segments']} "
+        print_out(f"wrote {summary['file']}: {summary['bytes']} bytes, {summary['segments']} "
               f"segments, {summary['cpus']} CPUs of {summary['osrelease']}")
     return EXIT_OK
 
@@ -279,12 +282,15 @@ def _live_state_or_note(args: argparse.Namespace):
 
 
 def cmd_exercise(args: argparse.Namespace) -> int:
-    from .exercise import exercise
+    from .exercise import FINDING_VERDICTS, exercise
     from .report import dumps, exercise_json, exercise_text
     if not 0.01 <= args.duration <= 60:
         raise InspectError(f"--duration {args.duration} is out of range", "use 0.01..60 s")
     allowed = sorted(os.sched_getaffinity(0))
     cpus = args.cpu if args.cpu is not None else allowed
+    if not cpus:
+        raise InspectError("no CPU to exercise: this process's CPU affinity is empty",
+                           "pick CPUs with --cpu")
     refused = [c for c in cpus if c not in allowed]
     if refused:
         raise InspectError(f"CPU {refused[0]} is not online or not in this process's "
@@ -299,8 +305,13 @@ def cmd_exercise(args: argparse.Namespace) -> int:
     finally:
         if target is not None:
             target.close()
-    print(dumps(exercise_json(rounds, note)) if args.json else exercise_text(rounds, note))
-    return EXIT_OK if all(r.verdict == "ok" for r in rounds) else EXIT_FINDINGS
+    print_out(dumps(exercise_json(rounds, note)) if args.json else exercise_text(rounds, note))
+    if any(r.verdict in FINDING_VERDICTS for r in rounds):
+        return EXIT_FINDINGS
+    if not any(r.verdict == "ok" for r in rounds):
+        raise InspectError("no exercise round could run: the children never got a CPU",
+                           "run again on a less busy machine, or with a longer --duration")
+    return EXIT_OK
 
 
 COMMANDS = {"layout": cmd_layout, "validate": cmd_validate, "stacks": cmd_stacks,
@@ -316,23 +327,25 @@ def _terminated(*_: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    commands = dict(COMMANDS)
-    for mod in _extensions():
-        commands.update(mod.COMMANDS)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)     # usage errors: argparse's message, exit 2
+        signal.signal(signal.SIGTERM, _terminated)
+        commands = dict(COMMANDS)
+        for mod in _extensions():
+            commands.update(mod.COMMANDS)
         return commands[args.command](args)
     except Terminated:
-        print(f"{PROG}: terminated by SIGTERM (children killed, nothing left behind)",
-              file=sys.stderr)
+        print_out(f"{PROG}: terminated by SIGTERM (children killed, nothing left behind)",
+                  err=True)
         return EXIT_CANNOT_INSPECT
     except InspectError as e:
-        print(f"{PROG}: {e.line()}", file=sys.stderr)
+        print_out(f"{prefix('error', stream_is_journal(2))}{PROG}: {e.line()}", err=True)
         return EXIT_CANNOT_INSPECT
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print_out(f"{PROG}: interrupted", err=True)
         return EXIT_CANNOT_INSPECT
     except BrokenPipeError:
         try:
@@ -340,12 +353,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return EXIT_OK
+    except MemoryError:
+        print_out(f"{PROG}: out of memory: the input is far larger than any real kernel's "
+                  "(or the memory limit is too low)", err=True)
+        return EXIT_CANNOT_INSPECT
     except Exception as e:  # a bug, or input no check anticipated
-        if args.debug:
+        if debug:
             import traceback            # only here: it imports _colorize (and dataclasses on 3.14)
             traceback.print_exc()
-        print(f"{PROG}: internal error: {type(e).__name__}: {e} (rerun with --debug and "
-              f"report it)", file=sys.stderr)
+        print_out(f"{PROG}: internal error: {type(e).__name__}: {e} (rerun with --debug and "
+                  f"report it)", err=True)
         return EXIT_CANNOT_INSPECT
 
 

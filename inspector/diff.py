@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .audit import audit
 from .errors import InspectError
+from .fileio import MiB, open_regular, read_bounded
 from .model import format_cpu_list
 from .report import validate_json
 from .state import load_state
@@ -90,18 +92,37 @@ class DiffResult:
         return not self.differences
 
 
+#: A validate --json document of 131,072 CPUs is about 40 MiB.
+MAX_JSON = 256 * MiB
+SCHEMA = Path(__file__).with_name("schemas") / "validate.schema.json"
+
+
+def check_validate_doc(doc: object, path: str) -> dict:
+    """*doc* if it is a ``validate --json`` document (schemas/validate.schema.json),
+    else InspectError naming the first wrong field.  jsonschema (Debian:
+    python3-jsonschema) does the checking: the schema is the one description of the
+    document, for the tests, the docs and this input boundary alike."""
+    import jsonschema
+    schema = json.loads(SCHEMA.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise InspectError(f"{path} is not a validate --json document: at {where}: "
+                           f"{error.message[:200]}",
+                           "pass the output of espfix-inspect validate --json, or a snapshot")
+    assert isinstance(doc, dict)
+    return doc
+
+
 def load_side(path: str, symbols: str | None = None) -> Side:
     """Read one side: an ELF core (validated now) or a ``validate --json`` file."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise InspectError(f"{path} does not exist", "check the path") from None
-    except IsADirectoryError:
-        raise InspectError(f"{path} is a directory",
-                           "pass a snapshot or a validate --json file") from None
-    except OSError as e:
-        raise InspectError(f"cannot read {path}: {e.strerror}", "check the path") from None
+    fix = "pass a snapshot or a validate --json file"
+    with open_regular(path, "diff input", fix) as f:
+        head = f.read(4)
+        if head != b"\x7fELF":
+            f.seek(0)
+            data = read_bounded(f, path, "validate --json document", MAX_JSON)
     if head == b"\x7fELF":
         target = open_target(path, symbols)
         try:
@@ -115,18 +136,12 @@ def load_side(path: str, symbols: str | None = None) -> Side:
         raise InspectError(f"symbols were given for {path}, which is not an ELF core",
                            "--symbols-a/-b go with cores only")
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InspectError(f"{path} is neither an ELF core nor JSON ({e})",
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InspectError(f"{path} is neither an ELF core nor JSON ({str(e)[:120]})",
                            "pass a snapshot (espfix-inspect snapshot) or the output of "
                            "espfix-inspect validate --json") from None
-    if not (isinstance(doc, dict) and isinstance(doc.get("kernel"), dict)
-            and isinstance(doc.get("findings"), list) and isinstance(doc.get("cpus"), list)):
-        raise InspectError(f"{path} is JSON but not a validate --json document (no kernel, "
-                           "findings and cpus keys)",
-                           "pass the output of espfix-inspect validate --json")
-    return Side(path, "validate-json", doc)
+    return Side(path, "validate-json", check_validate_doc(doc, path))
 
 
 def _relation(ka: dict, kb: dict) -> str:

@@ -29,21 +29,30 @@ import struct
 from collections.abc import Sequence
 
 from .errors import InspectError
+from .fileio import MiB, open_regular
 from .records import dataclass
+from .vmcoreinfo import VmcoreInfo
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     from typing import BinaryIO
 
 __all__ = ["Segment", "Note", "ElfCore", "parse_notes", "parse_vmcoreinfo",
-           "NO_PADDR", "x86_64_core_headers"]
+           "check_elf_header", "NO_PADDR", "x86_64_core_headers", "is_vmcore"]
 
 NO_PADDR = (1 << 64) - 1
+MASK64 = (1 << 64) - 1
 PT_LOAD = "PT_LOAD"
 PT_NOTE = "PT_NOTE"
+#: Bounds no real core comes near: /proc/kcore has a few hundred program headers
+#: (one per RAM range, fs/proc/kcore.c), a kdump ELF vmcore one per memory range plus
+#: one note per CPU (8192 CPUs x ~0.5 KiB of NT_PRSTATUS/VMCOREINFO).
+MAX_PHNUM = 0xFFFE          # 0xffff is PN_XNUM (extended numbering), not produced for cores
+MAX_NOTES_SIZE = 64 * MiB
 #: ``Elf64_Ehdr`` and ``Elf64_Phdr``, little-endian (include/uapi/linux/elf.h).
-ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+EHDR = ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 ELF64_PHDR = struct.Struct("<IIQQQQQQ")
+PHDR_SIZE = ELF64_PHDR.size
 ET_CORE, EM_X86_64, PN_XNUM = 4, 62, 0xFFFF
 P_TYPES = {1: PT_LOAD, 4: PT_NOTE}
 
@@ -93,14 +102,43 @@ def parse_notes(data: bytes) -> list[Note]:
     return notes
 
 
-def parse_vmcoreinfo(desc: bytes) -> dict[str, str]:
-    """``KEY=VALUE`` lines of the VMCOREINFO note (kernel/vmcore_info.c)."""
-    info: dict[str, str] = {}
-    for line in desc.rstrip(b"\0").decode("latin-1").splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            info[key.strip()] = value.strip()
-    return info
+def parse_vmcoreinfo(desc: bytes, source: str = "VMCOREINFO") -> VmcoreInfo:
+    """``KEY=VALUE`` lines of the VMCOREINFO note (kernel/vmcore_info.c), checked."""
+    return VmcoreInfo.parse(desc, source)
+
+
+def check_elf_header(head: bytes, path: str, size: int | None, what: str) -> tuple[int, int]:
+    """Check an x86-64 ELF header from its raw bytes before any parser trusts it;
+    returns ``(e_type, e_phnum)``.  *size* is the file size when it is meaningful
+    (regular files; /proc/kcore reports its logical size).  Raises InspectError."""
+    fix = f"the file is damaged or is not {what}; copy or capture it again"
+    if len(head) < EHDR.size:
+        raise InspectError(f"{path} is truncated: {len(head)} bytes, shorter than an ELF header",
+                           fix)
+    (ident, e_type, e_machine, _version, _entry, e_phoff, e_shoff, _flags, e_ehsize,
+     e_phentsize, e_phnum, e_shentsize, e_shnum, _shstrndx) = EHDR.unpack_from(head)
+    if ident[4] != 2 or ident[5] != 1 or e_machine != 62:
+        raise InspectError(f"{path} is not an x86-64 ELF file (class {ident[4]}, data "
+                           f"{ident[5]}, machine {e_machine})",
+                           "espfix64 exists only on x86-64 kernels")
+    if e_ehsize != EHDR.size:
+        raise InspectError(f"{path}: ELF header size is {e_ehsize}, not {EHDR.size}", fix)
+    for name, off, count, entsize, want in (("program", e_phoff, e_phnum, e_phentsize,
+                                             PHDR_SIZE),
+                                            ("section", e_shoff, e_shnum, e_shentsize, 64)):
+        if count == 0:
+            continue
+        if entsize != want:
+            raise InspectError(f"{path}: ELF {name} header entries are {entsize} bytes, "
+                               f"not {want}", fix)
+        if count > MAX_PHNUM:
+            raise InspectError(f"{path}: {count} ELF {name} headers (extended numbering "
+                               "is not used by Linux cores)", fix)
+        end = off + count * entsize
+        if off < EHDR.size or end > (size if size else MASK64):
+            raise InspectError(f"{path}: ELF {name} headers at offset {off:#x} lie outside "
+                               f"the file" + (f" ({size:#x} bytes)" if size else ""), fix)
+    return e_type, e_phnum
 
 
 class ElfCore:
@@ -125,14 +163,11 @@ class ElfCore:
     def _load_headers(self) -> None:
         path = self.path
         fh = self._fh
-        magic = fh.read(4)
+        head = fh.read(EHDR.size)
         fh.seek(0)
-        if magic != b"\x7fELF":
+        if head[:4] != b"\x7fELF":
             raise InspectError(f"{path} is not an ELF core (no ELF magic)",
                                "pass a /proc/kcore, a kdump vmcore or an espfix-inspect snapshot")
-        raw = x86_64_core_headers(fh.fileno())
-        if raw is None:
-            raw = self._elftools_headers()
         try:
             size = os.fstat(fh.fileno()).st_size
         except OSError:
@@ -140,23 +175,44 @@ class ElfCore:
         # /proc/kcore reports its logical size; a regular file must hold all
         # of every segment it declares.
         self.file_size = size
+        e_type, _ = check_elf_header(head, path, size, "a core")
+        if e_type != 4:
+            kind = {1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN"}.get(e_type, f"type {e_type}")
+            raise InspectError(f"{path} is an ELF file of type {kind}, not a core",
+                               "pass a core (a vmlinux goes to --symbols)")
+        raw = x86_64_core_headers(fh.fileno())       # checked above: bounded reads
+        if raw is None:
+            raw = self._elftools_headers()
         self.segments: list[Segment] = []
         notes_raw = b""
         for ptype, vaddr, paddr, off, filesz, memsz in raw:
-            if ptype in (PT_LOAD, PT_NOTE) and size and off + filesz > size:
+            if ptype not in (PT_LOAD, PT_NOTE):
+                continue
+            if size and off + filesz > size:
                 raise InspectError(
                     f"{path} is truncated: a segment ends at byte {off + filesz:#x} "
                     f"but the file has {size:#x} bytes",
                     "copy or capture the whole core again")
             if ptype == PT_LOAD:
+                if filesz > memsz or vaddr + memsz > 1 << 64 or \
+                        (paddr != NO_PADDR and paddr + memsz > 1 << 64):
+                    raise InspectError(f"{path}: a PT_LOAD segment at {vaddr:#x} has "
+                                       f"impossible sizes (filesz {filesz:#x}, memsz "
+                                       f"{memsz:#x}, paddr {paddr:#x})",
+                                       "the file is damaged; capture it again")
                 self.segments.append(Segment(vaddr, paddr, off, filesz, memsz))
-            elif ptype == PT_NOTE:
+            else:
+                if len(notes_raw) + filesz > MAX_NOTES_SIZE:
+                    raise InspectError(f"{path}: ELF notes larger than "
+                                       f"{MAX_NOTES_SIZE // MiB} MiB",
+                                       "the file is damaged; capture it again")
                 notes_raw += self._pread(off, filesz)
         self.notes = parse_notes(notes_raw)
-        self.vmcoreinfo: dict[str, str] = {}
+        self.vmcoreinfo = VmcoreInfo({}, path)
         for note in self.notes:
             if note.name == "VMCOREINFO":
-                self.vmcoreinfo = parse_vmcoreinfo(note.desc)
+                self.vmcoreinfo = parse_vmcoreinfo(note.desc, path)
+                break
         self._by_vaddr = sorted(self.segments, key=lambda s: s.vaddr)
         self._vstarts = [s.vaddr for s in self._by_vaddr]
         self._by_paddr = sorted((s for s in self.segments if s.has_paddr),
@@ -166,7 +222,6 @@ class ElfCore:
     def _elftools_headers(self) -> list[tuple]:
         """The program headers through pyelftools, for whatever the struct reader
         (:func:`x86_64_core_headers`) does not take; refuses what is not an x86-64 core."""
-        from elftools.common.exceptions import ELFError
         from elftools.elf.elffile import ELFFile
         path, fh = self.path, self._fh
         fh.seek(0)
@@ -181,8 +236,10 @@ class ElfCore:
                                    "espfix64 exists only on x86-64 kernels")
             return [(s["p_type"], s["p_vaddr"], s["p_paddr"], s["p_offset"],
                     s["p_filesz"], s["p_memsz"]) for s in elf.iter_segments()]
-        except (ELFError, struct.error, ValueError) as e:
-            raise InspectError(f"{path}: unreadable ELF headers ({e})",
+        except InspectError:
+            raise
+        except Exception as e:      # pyelftools' own errors for any malformed field
+            raise InspectError(f"{path}: unreadable ELF headers ({type(e).__name__}: {e})",
                                "the file is damaged or truncated; capture it again") from None
 
     def close(self) -> None:
@@ -324,6 +381,22 @@ def x86_64_core_headers(fd: int) -> list[tuple] | None:
             in ELF64_PHDR.iter_unpack(table)]
 
 
+def is_vmcore(core: ElfCore, snapshot_note: str) -> bool:
+    """An ELF *crash dump*, as opposed to /proc/kcore or a snapshot.
+
+    /proc/kcore (and the synthetic cores shaped like it) always has
+    virtual-only segments (vmalloc, vmemmap: ``p_paddr = -1``,
+    ``fs/proc/kcore.c``); a snapshot carries its own note.  A vmcore
+    (``/proc/vmcore``, ``makedumpfile -E``, QEMU's ELF dump) has neither: every
+    ``PT_LOAD`` is physical memory.
+    """
+    if any(n.name == snapshot_note for n in core.notes):
+        return False
+    if any(s.paddr == NO_PADDR for s in core.segments):
+        return False
+    return bool(core.segments)
+
+
 def _read_fix(e: OSError) -> str:
     if e.errno in (errno.EPERM, errno.EACCES):
         return "run as root with CAP_SYS_RAWIO; kernel lockdown also refuses /proc/kcore"
@@ -334,19 +407,15 @@ def _read_fix(e: OSError) -> str:
 
 def _open_core(path: str) -> BinaryIO:
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if path == "/proc/kcore":
+        return open_regular(path, "core", "pass a core file with --core")
+    except InspectError as e:
+        if path == "/proc/kcore" and "does not exist" in e.cause:
             raise InspectError("/proc/kcore does not exist on this kernel "
                                "(CONFIG_PROC_KCORE is off, or /proc is not mounted)",
                                "inspect a saved core or snapshot with --core FILE") from None
-        raise InspectError(f"{path} does not exist", "check the --core path") from None
-    except OSError as e:
-        raise InspectError(f"cannot stat {path}: {e.strerror}", "check the --core path") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise InspectError(f"{path} is a directory", "pass a core file with --core")
-    try:
-        return open(path, "rb", buffering=0)
+        if "does not exist" in e.cause:
+            raise InspectError(f"{path} does not exist", "check the --core path") from None
+        raise
     except PermissionError:
         if path.startswith("/proc/"):
             if os.geteuid() != 0:
@@ -359,6 +428,22 @@ def _open_core(path: str) -> BinaryIO:
                                    "boot without lockdown=confidentiality (integrity mode "
                                    "allows /proc/kcore), or inspect a kdump vmcore "
                                    "offline") from None
+            try:
+                st: os.stat_result | None = os.stat(path)
+            except OSError:
+                st = None
+            if st is not None and stat.S_IMODE(st.st_mode) == 0:
+                # the kernel's kcore is 0400; 0000 is a node mounted over it
+                raise InspectError(f"permission denied opening {path} as root: an "
+                                   "inaccessible node is mounted over it (mode 0000; "
+                                   "systemd's ProtectKernelTunables=yes or InaccessiblePaths= "
+                                   "do that)", "run without that sandboxing option") from None
+            if _has_effective_cap(CAP_SYS_RAWIO) is False:
+                raise InspectError(f"permission denied opening {path} as root: CAP_SYS_RAWIO "
+                                   "is not in this process's effective capabilities (dropped "
+                                   "by a bounding set: systemd's PrivateDevices=yes or "
+                                   "CapabilityBoundingSet=, a container, capsh)",
+                                   "run with CAP_SYS_RAWIO in the initial namespace") from None
             if mode is not None:
                 raise InspectError(f"permission denied opening {path} as root with lockdown="
                                    f"{mode} ({how}): CAP_SYS_RAWIO is missing (a container "
@@ -369,8 +454,22 @@ def _open_core(path: str) -> BinaryIO:
                                "boot without lockdown, or inspect a kdump vmcore offline") from None
         raise InspectError(f"permission denied opening {path}",
                            "make the core readable, or run as root") from None
-    except OSError as e:
-        raise InspectError(f"cannot open {path}: {e.strerror}", _read_fix(e)) from None
+
+
+#: include/uapi/linux/capability.h; open_kcore() in fs/proc/kcore.c checks it
+CAP_SYS_RAWIO = 17
+
+
+def _has_effective_cap(cap: int, status: str = "/proc/self/status") -> bool | None:
+    """Whether *cap* is in this process's CapEff (proc(5)); None when unknown."""
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def lockdown_state() -> tuple[str | None, str]:

@@ -3,22 +3,21 @@
 pyelftools only reads ELF, so the writer is here: an ELF64 little-endian
 ``ET_CORE`` for ``EM_X86_64`` with one ``PT_NOTE`` and ``PT_LOAD`` segments,
 laid out like /proc/kcore (``fs/proc/kcore.c``): notes first, then segment data
-page-aligned.  Output is written atomically (a temporary file in the same
-directory, fsync, rename), so a reader never sees half a core.
+page-aligned.  Output is written atomically (:func:`inspector.fileio.atomic_output`), so
+a reader never sees half a core, and with mode 0600: a core holds kernel memory, the
+KASLR offset and the espfix randomisation.
 """
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Sequence
+from typing import Sequence
 
 from .elfcore import NO_PADDR
+from .fileio import atomic_output
 
-__all__ = ["LoadSegment", "NoteEntry", "build_notes", "write_core", "atomic_output"]
+__all__ = ["LoadSegment", "NoteEntry", "build_notes", "write_core"]
 
 PT_LOAD = 1
 PT_NOTE = 4
@@ -56,27 +55,8 @@ def build_notes(notes: Sequence[NoteEntry]) -> bytes:
     return bytes(out)
 
 
-@contextmanager
-def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Yield a file object; on success it replaces *path* atomically."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def write_core(path: str, segments: Sequence[LoadSegment], notes: Sequence[NoteEntry]) -> int:
+def write_core(path: str, segments: Sequence[LoadSegment], notes: Sequence[NoteEntry],
+               mode: int = 0o600) -> int:
     """Write an ELF core; returns its size in bytes."""
     note_blob = build_notes(notes)
     phnum = 1 + len(segments)
@@ -96,7 +76,7 @@ def write_core(path: str, segments: Sequence[LoadSegment], notes: Sequence[NoteE
         memsz = max(seg.memsz or 0, len(seg.data))
         phdrs.append(struct.pack("<IIQQQQQQ", PT_LOAD, 7, off, seg.vaddr, seg.paddr,
                                  len(seg.data), memsz, 4096))
-    with atomic_output(path) as fh:
+    with atomic_output(path, mode) as fh:
         fh.write(ehdr)
         fh.write(b"".join(phdrs))
         fh.write(note_blob)

@@ -23,3 +23,16 @@ class InspectError(Exception):
 
     def line(self) -> str:
         return f"{self.cause}: {self.fix}" if self.fix else self.cause
+
+
+class PageFiltered(InspectError):
+    """A physical page the inspection needs was filtered out of a crash dump
+    (makedumpfile ``-d``): the dump says the page existed but did not save it.
+    ``paddr`` is the page.  Checks that meet one report it as an info finding
+    instead of failing the whole inspection; ``stacks`` shows an in-use ministack
+    page that was filtered as "all zero, filtered" (a kernel page in use is never
+    page cache, user or free memory, so only the zero-page filter can drop it)."""
+
+    def __init__(self, cause: str, fix: str = "", paddr: int = 0) -> None:
+        super().__init__(cause, fix)
+        self.paddr = paddr

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import re
 
-from .model import parse_cpu_list
+from .errors import InspectError
+from .model import ESPFIX_MAX_CPUS, parse_cpu_list
 from .records import asdict, dataclass, field
 
 __all__ = ["HostFacts", "read_host_facts"]
@@ -43,12 +44,74 @@ class HostFacts:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HostFacts":
-        return cls(online=d.get("online"), possible=d.get("possible"),
-                   meltdown=d.get("meltdown"), fred=d.get("fred"),
-                   cpu_node={int(k): v for k, v in (d.get("cpu_node") or {}).items()},
-                   block_size=d.get("block_size"),
-                   block_node={int(k): v for k, v in (d.get("block_node") or {}).items()})
+    def from_dict(cls, d: object, source: str = "host facts") -> "HostFacts":
+        """Facts saved by :meth:`as_dict` (a snapshot's metadata), checked field by field:
+        a snapshot may come from anywhere.  Raises InspectError naming the field."""
+        if not isinstance(d, dict):
+            _bad(source, "host", "an object")
+        return cls(online=_cpus(d, "online", source), possible=_cpus(d, "possible", source),
+                   meltdown=_opt(d, "meltdown", str, source),
+                   fred=_opt(d, "fred", bool, source),
+                   cpu_node=_int_map(d, "cpu_node", ESPFIX_MAX_CPUS, source),
+                   block_size=_block_size(d, source),
+                   block_node=_int_map(d, "block_node", 1 << 40, source))
+
+
+#: MAX_NUMNODES is 1 << CONFIG_NODES_SHIFT, at most 1024 on x86-64 (arch/x86/Kconfig).
+MAX_NUMNODES = 1024
+
+
+def _bad(source: str, key: str, want: str) -> None:
+    raise InspectError(f"{source}: field {key!r} is not {want}",
+                       "the snapshot's metadata is damaged: capture the snapshot again")
+
+
+def _opt(d: dict, key: str, typ: type, source: str):
+    v = d.get(key)
+    if v is not None and type(v) is not typ:
+        _bad(source, f"host.{key}", f"a {typ.__name__} or null")
+    return v
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
+def _cpus(d: dict, key: str, source: str) -> list[int] | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) > ESPFIX_MAX_CPUS or \
+            not all(_is_int(c) and 0 <= c < ESPFIX_MAX_CPUS for c in v):
+        _bad(source, f"host.{key}", f"a list of CPU numbers 0..{ESPFIX_MAX_CPUS - 1}")
+    return sorted(set(v))
+
+
+def _int_map(d: dict, key: str, key_limit: int, source: str) -> dict[int, int]:
+    v = d.get(key)
+    if v is None:
+        return {}
+    want = f"an object of decimal keys below {key_limit} and node numbers 0..{MAX_NUMNODES - 1}"
+    if not isinstance(v, dict) or len(v) > key_limit:
+        _bad(source, f"host.{key}", want)
+    out = {}
+    for k, node in v.items():
+        if not (isinstance(k, str) and k.isdigit() and len(k) < 16 and int(k) < key_limit
+                and _is_int(node) and 0 <= node < MAX_NUMNODES):
+            _bad(source, f"host.{key}", want)
+        out[int(k)] = node
+    return out
+
+
+def _block_size(d: dict, source: str) -> int | None:
+    v = d.get("block_size")
+    if v is None:
+        return None
+    # memory_block_size_bytes(): a power of two of at least a section (128 MiB on x86-64,
+    # drivers/base/memory.c, arch/x86/mm/init_64.c), at most 2 GiB today.
+    if not _is_int(v) or v < 4096 or v & (v - 1) or v > 1 << 40:
+        _bad(source, "host.block_size", "a power of two between 4 KiB and 1 TiB")
+    return v
 
 
 def _read(path: str) -> str | None:

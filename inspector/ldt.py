@@ -21,6 +21,9 @@ from .errors import InspectError
 SYS_MODIFY_LDT = 154            # arch/x86/entry/syscalls/syscall_64.tbl
 PTRACE_TRACEME, PTRACE_PEEKDATA, PTRACE_CONT = 0, 2, 7
 PTRACE_KILL, PTRACE_GETREGS, PTRACE_SETREGS = 8, 12, 13
+PTRACE_SETOPTIONS = 0x4200      # include/uapi/linux/ptrace.h
+PTRACE_O_EXITKILL = 1 << 20     # SIGKILL the tracee when the tracer exits (since 3.8)
+PR_SET_PDEATHSIG = 1            # include/uapi/linux/prctl.h
 PROT_RWX = 0x1 | 0x2 | 0x4
 MAP_SHARED, MAP_ANONYMOUS, MAP_32BIT = 0x01, 0x20, 0x40
 
@@ -63,6 +66,8 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
 
 
 def _err(what: str) -> OSError:
@@ -76,13 +81,11 @@ def modify_ldt_write(desc: UserDesc) -> None:
         raise _err("modify_ldt")
 
 
-def modify_ldt_read(size: int = 8 * 16) -> bytes:
-    """modify_ldt(0, buf, size): the calling process's LDT (for probing support)."""
-    buf = ctypes.create_string_buffer(size)
-    n = _libc.syscall(SYS_MODIFY_LDT, 0, buf, size)
-    if n < 0:
-        raise _err("modify_ldt")
-    return buf.raw[:n]
+def die_with_parent(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG, sig): the kernel sends *sig* to the caller when its
+    parent exits, however it exits (SIGKILL and the OOM killer included)."""
+    if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise _err("prctl(PR_SET_PDEATHSIG)")
 
 
 def ptrace(request: int, pid: int, addr: int = 0, data: object = None) -> int:

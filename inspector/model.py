@@ -328,23 +328,30 @@ def memory_cost(cpus: Iterable[int]) -> MemoryCost:
                       groups, groups)
 
 
-def parse_cpu_list(text: str) -> list[int]:
+def parse_cpu_list(text: str, limit: int = ESPFIX_MAX_CPUS) -> list[int]:
     """Parse the kernel's cpulist format (``0-3,8,10-11``) as in
-    ``/sys/devices/system/cpu/online``; raises ValueError."""
+    ``/sys/devices/system/cpu/online``; raises ValueError, also for a CPU at or
+    above *limit* (checked before a range is expanded).
+
+    >>> parse_cpu_list("0-2,8")
+    [0, 1, 2, 8]
+    """
     cpus: set[int] = set()
     text = text.strip()
     if not text:
         return []
     for part in text.split(","):
         part = part.strip()
-        if "-" in part:
-            lo_s, hi_s = part.split("-", 1)
-            lo, hi = int(lo_s), int(hi_s)
-            if hi < lo:
-                raise ValueError(f"bad CPU range {part!r}")
-            cpus.update(range(lo, hi + 1))
-        else:
-            cpus.add(int(part))
+        lo_s, dash, hi_s = part.partition("-")
+        if not lo_s.isdigit() or (dash and not hi_s.isdigit()) or len(part) > 24:
+            raise ValueError(f"bad CPU list item {part[:24]!r}")
+        lo = int(lo_s)
+        hi = int(hi_s) if dash else lo
+        if hi < lo:
+            raise ValueError(f"bad CPU range {part!r}")
+        if hi >= limit:
+            raise ValueError(f"CPU {hi} is beyond the last possible CPU id {limit - 1}")
+        cpus.update(range(lo, hi + 1))
     return sorted(cpus)
 
 

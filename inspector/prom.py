@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from .audit import SEVERITIES
-from .elfwrite import atomic_output
+from .fileio import atomic_output
 from .errors import InspectError
 from .watch import RoundResult
 
@@ -28,7 +28,7 @@ TEXTFILE_NAME = "espfix_inspect.prom"
 
 #: Every check name a Finding can carry (inspector/audit.py); each gets a zero
 #: series per severity so that alerts on "> 0" see a value, not an absence.
-CHECK_NAMES = ("cpu_init", "randomness", "espfix_stack", "espfix_pages", "espfix_waddr",
+CHECK_NAMES = ("cpu_masks", "kernel_image", "cpu_init", "randomness", "espfix_stack", "espfix_pages", "espfix_waddr",
                "top_entry", "pud_clones", "pud_prot", "pmd_clones", "pmd_prot",
                "pte_clones", "pte_prot", "stray_pud", "stray_pte", "walk", "pti_walk",
                "pti", "numa")

@@ -9,18 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from . import jsonfmt
+from .errors import InspectError, PageFiltered
+from .journal import prefix
 from .jsonfmt import Columns
 from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
                     Randomness, format_cpu_list, group_layouts, layout_columns, memory_cost,
                     page_and_slot)
+from .state import EspfixState, FrameUnreadable
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:         # types only: a --json run imports neither the audit nor ctypes
     from typing import IO
 
     from .audit import AuditResult, Finding
+    from .crash import CrashContext
     from .exercise import RoundTrip
-    from .state import EspfixState
 
 __all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
            "stacks_text", "stacks_json", "exercise_text", "exercise_json", "dumps",
@@ -154,8 +157,10 @@ def _validate_doc(state: EspfixState, result: AuditResult, cpus: list | Columns)
         kernel["slot_random_effective"] = result.rnd.slot_random
     kernel["cpus_possible"] = format_cpu_list(state.possible)
     kernel["cpus_online"] = format_cpu_list(state.online)
-    kernel["cpus_initialised"] = format_cpu_list(c for c, s in state.cpus.items()
-                                                 if s.espfix_stack)
+    kernel["cpus_initialised"] = format_cpu_list(c for c, s in state.cpus.items() if s.initialised)
+    notes = _dump_notes(state)
+    if notes:
+        kernel["notes"] = notes
     return {"ok": result.ok, "summary": _summary(result), "kernel": kernel,
             "findings": [f.as_dict() for f in result.findings],
             "cpus": cpus}
@@ -165,10 +170,15 @@ def _kernel_lines(state: EspfixState) -> list[str]:
     i = state.info
     return [f"kernel {i.osrelease}: {i.levels}-level paging, PTI {'on' if i.pti else 'off'}, "
             f"KASLR offset {i.kaslr_offset:#x}, per-CPU {i.percpu}",
-            f"source: {i.core} with symbols from {i.symbols}"]
+            f"source: {i.core} with symbols from {i.symbols}",
+            *[f"note: {n}" for n in _dump_notes(state)]]
 
 
-def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False) -> str:
+def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False,
+                  journal: bool = False) -> str:
+    """The readable report.  ``journal``: stdout is the systemd journal, so each
+    error/warning finding row and the verdict line carry a ``<3>``/``<4>``
+    priority prefix (inspector.journal)."""
     out = _kernel_lines(state)
     if result.rnd is not None:
         src = "the page_random/slot_random statics" if result.rnd_source == "statics" \
@@ -194,16 +204,22 @@ def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False
     else:
         out.append(f"(per-CPU table of {len(rows)} CPUs omitted: use -v or --json)")
     out.append("")
+    worst = None
     if result.findings:
+        ordered = _ordered(result.findings)
+        worst = ordered[0].severity
         frows = [[f.severity, f.check, "" if f.cpu is None else f.cpu, f.message]
-                 for f in _ordered(result.findings)]
-        out.append(tabulate(frows, headers=["SEVERITY", "CHECK", "CPU", "MESSAGE"],
-                            tablefmt="simple", disable_numparse=True))
+                 for f in ordered]
+        table = tabulate(frows, headers=["SEVERITY", "CHECK", "CPU", "MESSAGE"],
+                         tablefmt="simple", disable_numparse=True).split("\n")
+        if journal and len(table) == len(ordered) + 2:      # header, rule, one line per row
+            table[2:] = [prefix(f.severity, True) + line for f, line in zip(ordered, table[2:])]
+        out.extend(table)
         out.append("")
     c = _summary(result)
     verdict = "OK" if result.ok else "FINDINGS"
-    out.append(f"result: {verdict} ({c['error']} error(s), {c['warning']} warning(s), "
-               f"{c['info']} info)")
+    out.append(f"{prefix(worst, journal)}result: {verdict} ({c['error']} error(s), "
+               f"{c['warning']} warning(s), {c['info']} info)")
     return "\n".join(out)
 
 
@@ -215,48 +231,103 @@ def _ordered(findings: Iterable[Finding]) -> list[Finding]:
 
 # -- stacks -----------------------------------------------------------------
 
-STACK_KEYS = ("cpu", "online", "espfix_stack", "espfix_waddr", "phys", "page", "slot", "frame")
+STACK_KEYS = ("cpu", "online", "espfix_stack", "espfix_waddr", "phys", "page", "slot", "frame",
+              "frame_error")
 
 
-def _stack_columns(state: EspfixState, cpus: Iterable[int]) -> Columns:
-    """The ``cpus`` rows of ``stacks --json``, built column by column."""
+def _stack_columns(state: EspfixState, cpus: Iterable[int]) -> tuple[Columns, dict[int, str]]:
+    """The ``cpus`` rows of ``stacks --json``, built column by column, and the rows
+    whose ministack page a crash dump filtered out (their ``frame_state``)."""
     cpus = list(cpus)
-    frames = [None if f is None else {k: f"{v:#x}" for k, v in f.items()}
-              for f in state.frames(cpus)]          # walks every stack page in use
     sts = [state.cpus[c] for c in cpus]
-    stacks = [st.espfix_stack for st in sts]
-    phys: list[str | None] = []
-    for stack in stacks:
-        if stack:
-            pa = state.walk(stack).phys
-            phys.append(_h(None if pa is None else pa | (stack & 0xFFF)))
+    n = len(cpus)
+    stacks = [st.espfix_stack if st.initialised else None for st in sts]
+    phys: list[str | None] = [None] * n
+    pages: list[int | None] = [None] * n
+    slots: list[int | None] = [None] * n
+    frames: list[dict | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    filtered: dict[int, str] = {}
+    for i, (cpu, stack) in enumerate(zip(cpus, stacks)):
+        if stack is None:
+            continue
+        pages[i], slots[i] = page_and_slot(stack)
+        try:
+            w = state.walk(stack)                   # memoised per page
+        except InspectError as e:                   # a table page the core lacks
+            errors[i] = e.cause
+            continue
+        phys[i] = _h(None if w.phys is None else w.phys | (stack & 0xFFF))
+        try:
+            frame = state.frame(cpu)
+        except PageFiltered:
+            # an in-use ministack page is neither cache, user nor free memory:
+            # makedumpfile can only have dropped it as a zero page
+            filtered[i] = "all zero, filtered"
+        except FrameUnreadable as e:
+            errors[i] = e.cause
         else:
-            phys.append(None)
-    where = [page_and_slot(s) if s else (None, None) for s in stacks]
-    return Columns(STACK_KEYS, [
-        cpus, [st.online for st in sts], [s or None for s in stacks],
-        [st.espfix_waddr if st.espfix_stack else None for st in sts], phys,
-        [p for p, _ in where], [sl for _, sl in where], frames],
-        hex=("espfix_stack", "espfix_waddr"))
+            if frame is not None:
+                frames[i] = {k: f"{v:#x}" for k, v in frame.items()}
+    waddrs = [st.espfix_waddr if st.initialised else None for st in sts]
+    return Columns(STACK_KEYS, [cpus, [st.online for st in sts], stacks, waddrs, phys, pages,
+                                slots, frames, errors],
+                   hex=("espfix_stack", "espfix_waddr")), filtered
 
 
 def _stack_rows(state: EspfixState, cpus: Iterable[int]) -> list[dict]:
-    return _stack_columns(state, cpus).rows()
+    cols, filtered = _stack_columns(state, cpus)
+    return _rows_with_state(cols, filtered)
+
+
+def _rows_with_state(cols: Columns, filtered: dict[int, str]) -> list[dict]:
+    rows = cols.rows()
+    for i, why in filtered.items():
+        rows[i]["frame_state"] = why
+    return rows
 
 
 def stacks_json(state: EspfixState, cpus: Iterable[int]) -> dict:
-    return _stacks_doc(state, _stack_rows(state, cpus))
+    doc = _stacks_doc(state, *_stack_columns(state, cpus))
+    if isinstance(doc["cpus"], Columns):
+        doc["cpus"] = doc["cpus"].rows()
+    return doc
 
 
 def write_stacks_json(fp: IO[str], state: EspfixState, cpus: Iterable[int]) -> None:
     """``print(dumps(stacks_json(state, cpus)), file=fp)``, row block by row block."""
-    jsonfmt.write(fp, _stacks_doc(state, _stack_columns(state, cpus)))
+    jsonfmt.write(fp, _stacks_doc(state, *_stack_columns(state, cpus)))
 
 
-def _stacks_doc(state: EspfixState, cpus: list | Columns) -> dict:
-    return {"kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
-                       "pti": state.info.pti},
-            "cpus": cpus}
+def _stacks_doc(state: EspfixState, cols: Columns, filtered: dict[int, str]) -> dict:
+    """The stacks document; its CPUs stay columns unless a crash dump adds to rows."""
+    doc: dict = {"kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
+                            "pti": state.info.pti},
+                 "cpus": cols}
+    crash = _crash_context(state)            # crash dumps only
+    if crash is None and not filtered:
+        return doc
+    rows = doc["cpus"] = _rows_with_state(cols, filtered)
+    if crash is not None:
+        doc["kernel"]["notes"] = _dump_notes(state)
+        doc["crash"] = {k: v for k, v in crash.as_dict().items() if k != "cpus"}
+        for r in rows:
+            cc = crash.cpus.get(r["cpu"])
+            r["crash"] = cc.as_dict() if cc is not None else None
+    return doc
+
+
+def _dump_notes(state: EspfixState) -> list[str]:
+    """What a dump target noted while opening (crash.dump_notes; [] for /proc/kcore)."""
+    return list(getattr(state.reader.target, "notes", None) or [])
+
+
+def _crash_context(state: EspfixState) -> CrashContext | None:
+    """The crash context of a dump target; None, importing nothing, for the others."""
+    if getattr(state.reader.target, "dump", None) is None:
+        return None
+    from .crash import dump_crash_context
+    return dump_crash_context(state)
 
 
 def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
@@ -264,24 +335,60 @@ def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
     table = []
     for r in rows:
         f = r["frame"] or {}
+        words = [f.get(k, "") for k in FRAME_WORDS]
+        if r["frame_error"]:
+            words[0] = "unreadable (see below)"
         table.append([r["cpu"], r["espfix_stack"] or "(none)", r["espfix_waddr"] or "",
                       r["phys"] or "",
-                      "" if r["page"] is None else f"{r['page']}/{r['slot']}",
-                      *[f.get(k, "") for k in FRAME_WORDS]])
+                      "" if r["page"] is None else f"{r['page']}/{r['slot']}", *words])
     head = _kernel_lines(state)
     head.append(f"ministacks: {sum(1 for r in rows if r['espfix_stack'])} of {len(rows)} "
                 f"CPU(s) set up, {sum(1 for r in rows if r['frame'])} hold an IRET frame "
                 f"(slot = last espfix return on that CPU; {ESPFIX_STACKS_PER_PAGE} slots/page)")
-    return "\n".join(head) + "\n\n" + tabulate(
+    filtered = [r["cpu"] for r in rows if r.get("frame_state")]
+    if filtered:
+        head.append(f"filtered: the ministack page of CPU(s) {format_cpu_list(filtered)} is "
+                    "not in the dump (dropped as a zero page: all zero, filtered)")
+    tail = [f"cpu {r['cpu']}: frame unreadable: {r['frame_error']}"
+            for r in rows if r["frame_error"]]
+    text = "\n".join(head) + "\n\n" + tabulate(
         table, headers=["CPU", "ESPFIX_STACK", "ESPFIX_WADDR", "PHYS", "PG/SLOT",
                         *[k.upper() for k in FRAME_WORDS]],
+        tablefmt="simple", disable_numparse=True) + "".join("\n" + t for t in tail)
+    crash = _crash_context(state)            # crash dumps only
+    if crash is not None:
+        text += "\n\n" + crash_text(crash, [r["cpu"] for r in rows])
+    return text
+
+
+def crash_text(crash: CrashContext, cpus: list[int]) -> str:
+    """The crash-context table of ``stacks`` on a dump."""
+    head = [f"registers at crash time: {crash.source}"]
+    if crash.panic_cpu is not None:
+        head.append(f"panic_cpu: {crash.panic_cpu}")
+    head += [f"note: {n}" for n in crash.notes]
+    rows = []
+    for cpu in cpus:
+        c = crash.cpus.get(cpu)
+        if c is None:
+            rows.append([cpu, "-", "(no registers)", "", "", ""])
+            continue
+        r = c.regs
+        rows.append([cpu, "user" if c.user_mode else "kernel",
+                     f"{r.get('rip', 0):#x}", c.rip_symbol or "",
+                     f"{r.get('rsp', 0):#x}", c.verdict()])
+    return "\n".join(head) + "\n\n" + tabulate(
+        rows, headers=["CPU", "MODE", "RIP", "RIP SYMBOL", "RSP", "ESPFIX AT CRASH"],
         tablefmt="simple", disable_numparse=True)
 
 
 # --------------------------------------------------------------------------- exercise
 
 def exercise_json(rounds: list[RoundTrip], kcore_note: str | None) -> dict:
-    return {"ok": all(r.verdict == "ok" for r in rounds),
+    from .exercise import COULD_NOT_RUN, FINDING_VERDICTS
+    return {"ok": any(r.verdict == "ok" for r in rounds)
+            and not any(r.verdict in FINDING_VERDICTS for r in rounds),
+            "could_not_run": sum(r.verdict == COULD_NOT_RUN for r in rounds),
             "kcore_cross_check": kcore_note is None,
             "kcore_note": kcore_note,
             "rounds": [r.as_dict() for r in rounds]}
@@ -318,10 +425,13 @@ def exercise_text(rounds: list[RoundTrip], kcore_note: str | None) -> str:
             if key not in seen:
                 seen.add(key)
                 lines.append(("note " if r.verdict == "ok" else f"{r.verdict} ") + key)
-    bad = [r for r in rounds if r.verdict != "ok"]
+    from .exercise import COULD_NOT_RUN, FINDING_VERDICTS
+    bad = [r for r in rounds if r.verdict in FINDING_VERDICTS]
+    idle = [r for r in rounds if r.verdict == COULD_NOT_RUN]
     cpus = sorted({r.cpu for r in rounds})
+    verdict = "FINDINGS" if bad else "OK" if len(idle) < len(rounds) else "COULD NOT RUN"
     lines.append("")
-    lines.append(f"result: {'OK' if not bad else 'FINDINGS'} ({len(rounds)} round trip(s) "
-                 f"on {len(cpus)} CPU(s), {len(bad)} not ok; INTERRUPTIONS = gaps the child "
-                 f"saw in its own TSC, each followed by an RSP check)")
+    lines.append(f"result: {verdict} ({len(rounds)} round trip(s) on {len(cpus)} CPU(s), "
+                 f"{len(bad)} not ok, {len(idle)} could not run; INTERRUPTIONS = gaps the "
+                 f"child saw in its own TSC, each followed by an RSP check)")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 
-from .errors import InspectError
+from .errors import InspectError, PageFiltered
 from .hostfacts import HostFacts, read_host_facts
 from .model import ESPFIX_BASE_ADDR, ESPFIX_STACKS_PER_PAGE, FRAME_WORDS
 from .pagetable import PAGE_PRESENT, PageTableWalker, Step, Walk
@@ -24,7 +24,16 @@ from .records import dataclass, field
 from .symbols import MASK64, START_KERNEL_MAP
 from .target import Target
 
-__all__ = ["KernelInfo", "CpuState", "EspfixState", "KernelReader", "load_state"]
+__all__ = ["KernelInfo", "CpuState", "EspfixState", "KernelReader", "load_state",
+           "FrameUnreadable", "FRAME_BYTES"]
+
+#: The six words ``native_irq_return_ldt`` copies to the ministack (entry_64.S).
+FRAME_BYTES = 8 * len(FRAME_WORDS)
+
+
+class FrameUnreadable(InspectError):
+    """One CPU's ministack frame cannot be read (a corrupt ``espfix_stack``, an
+    unmapped alias, a page the core lacks); the rest of the inspection goes on."""
 
 #: Default direct-map bases without KASLR (``__PAGE_OFFSET_BASE_L4/L5``).
 PAGE_OFFSET_DEFAULT = {4: 0xFFFF888000000000, 5: 0xFF11000000000000}
@@ -80,21 +89,27 @@ class KernelReader:
     def u64s(self, addr: int, count: int) -> tuple[int, ...]:
         return struct.unpack(f"<{count}Q", self.read(addr, 8 * count)) if count else ()
 
-    def bitmap(self, addr: int, nbits: int) -> list[int]:
+    def bitmap(self, addr: int, nbits: int) -> tuple[list[int], list[int]]:
+        """The set bits below *nbits*, and those set beyond it in the last word read
+        (a ``struct cpumask`` keeps bits from ``nr_cpu_ids`` up clear)."""
         words = self.u64s(addr, (nbits + 63) // 64)
-        return bits_set(words, nbits)
+        return bits_set(words, nbits), bits_set(words, len(words) * 64, start=nbits)
 
 
-def bits_set(words: Sequence[int], nbits: int) -> list[int]:
-    """The numbers of the bits set among the first *nbits* of a bitmap of 64-bit
-    words (a ``struct cpumask``), a full or empty word at a time when it can."""
+def bits_set(words: Sequence[int], nbits: int, start: int = 0) -> list[int]:
+    """The numbers of the bits set from *start* up to (not including) *nbits* of a
+    bitmap of 64-bit words (a ``struct cpumask``), a full or empty word at a time when
+    it can."""
     out: list[int] = []
     for i, word in enumerate(words):
         base = i * 64
-        if word == MASK64 and base + 64 <= nbits:
+        lo, hi = max(base, start), min(base + 64, nbits)
+        if lo >= hi or not word:
+            continue
+        if word == MASK64 and lo == base and hi == base + 64:
             out.extend(range(base, base + 64))
-        elif word:
-            out.extend(n for n in range(base, min(base + 64, nbits)) if word >> (n - base) & 1)
+        else:
+            out.extend(n for n in range(lo, hi) if word >> (n - base) & 1)
     return out
 
 
@@ -154,6 +169,8 @@ class EspfixState:
     cpus: dict[int, CpuState]              # possible CPUs
     espfix_pages: tuple[int, ...]          # direct-map addresses, 0 = NULL
     host: HostFacts = field(default_factory=HostFacts)
+    #: mask name -> CPUs set at or above nr_cpu_ids (in the last word read)
+    beyond_nr_cpu_ids: dict[str, list[int]] = field(default_factory=dict)
     _walks: dict[tuple[int, int], Walk] = field(default_factory=dict)
 
     @property
@@ -185,17 +202,29 @@ class EspfixState:
         """The last IRET frame the entry code left in *cpu*'s ministack
         (``native_irq_return_ldt`` writes RAX, RIP, CS, RFLAGS, RSP, SS through
         ``espfix_waddr``), or None when the slot was never used.  *fresh* re-reads
-        the stack page instead of using the cached copy (live kernels)."""
+        the stack page instead of using the cached copy (live kernels).
+
+        Raises :class:`FrameUnreadable` with the reason when the frame cannot be read:
+        the tool exists to report such corruption, so callers show it and go on."""
         st = self.cpus[cpu]
         if not st.initialised:
             return None
+        off = st.espfix_stack & 0xFFF
+        if off + FRAME_BYTES > 4096:
+            raise FrameUnreadable(f"espfix_stack {st.espfix_stack:#x} puts the {FRAME_BYTES}-byte "
+                                  f"frame at page offset {off:#x}, across the page end: "
+                                  "espfix_stack is corrupt")
         w = self.walk(st.espfix_stack)
         if w.phys is None:
-            return None
-        if fresh:
-            self.reader.mem.invalidate(w.phys)
-        page = self.reader.mem.phys_page(w.phys)
-        off = st.espfix_stack & 0xFFF
+            raise FrameUnreadable(f"espfix_stack {st.espfix_stack:#x} is not mapped: {w.fault}")
+        try:
+            if fresh:
+                self.reader.mem.invalidate(w.phys)
+            page = self.reader.mem.phys_page(w.phys)
+        except PageFiltered:
+            raise                   # a crash dump left the page out: the caller says so
+        except InspectError as e:
+            raise FrameUnreadable(e.cause) from None
         words = struct.unpack_from("<6Q", page, off)
         if not any(words):
             return None
@@ -223,9 +252,9 @@ class EspfixState:
 
 
 def _levels(target: Target, reader: KernelReader) -> int:
-    v = target.vmcoreinfo.get("NUMBER(pgtable_l5_enabled)")
+    v = target.vmcoreinfo.pgtable_l5_enabled
     if v is not None:
-        return 5 if int(v, 0) else 4
+        return 5 if v else 4
     sym = target.symbols.get("__pgtable_l5_enabled")
     if sym is not None:
         return 5 if reader.u32(sym) else 4
@@ -238,9 +267,9 @@ def _page_offset_base(target: Target, reader: KernelReader, levels: int) -> int:
     sym = target.symbols.get("page_offset_base")
     if sym is not None:
         return reader.u64(sym)
-    v = target.vmcoreinfo.get("NUMBER(page_offset_base)")
+    v = target.vmcoreinfo.page_offset
     if v is not None:
-        return int(v, 0) & MASK64
+        return v
     # Fall back on the core's RAM segments: direct-map address minus physical.
     deltas: dict[int, int] = {}
     for s in target.core.segments:
@@ -287,14 +316,17 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
     reader.walker, reader.pgd_pa = walker, pgd_pa
 
     if host is None:
-        host = read_host_facts() if target.live else HostFacts.from_dict(target.meta.get("host", {}))
+        host = read_host_facts() if target.live else \
+            HostFacts.from_dict(target.meta.get("host", {}), f"{target.core.path} (snapshot metadata)")
 
     nr_cpu_ids = reader.u32(_need(target, "nr_cpu_ids", "the number of CPU ids"))
     if not 0 < nr_cpu_ids <= 1 << 17:
         raise InspectError(f"nr_cpu_ids reads as {nr_cpu_ids}: the core or symbols are wrong",
                            "use the symbol file of the inspected kernel")
-    possible = reader.bitmap(_need(target, "__cpu_possible_mask", "possible CPUs"), nr_cpu_ids)
-    online = reader.bitmap(_need(target, "__cpu_online_mask", "online CPUs"), nr_cpu_ids)
+    possible, possible_beyond = reader.bitmap(
+        _need(target, "__cpu_possible_mask", "possible CPUs"), nr_cpu_ids)
+    online, online_beyond = reader.bitmap(
+        _need(target, "__cpu_online_mask", "online CPUs"), nr_cpu_ids)
     offsets = reader.u64s(_need(target, "__per_cpu_offset", "per-CPU area offsets"), nr_cpu_ids)
     stack_sym = _need(target, "espfix_stack", "per-CPU ministack address")
     waddr_sym = _need(target, "espfix_waddr", "per-CPU ministack writable alias")
@@ -352,7 +384,9 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
         user_pgd_pa=user_pgd_pa, espfix_pud_page=pud_sym,
         pud_pa=target.pa_symbol(pud_sym),
         page_random=_u32("page_random"), slot_random=_u32("slot_random"))
-    state = EspfixState(info, reader, walker, possible, online, cpus, espfix_pages, host)
+    state = EspfixState(info, reader, walker, possible, online, cpus, espfix_pages, host,
+                        beyond_nr_cpu_ids={"possible": possible_beyond,
+                                           "online": online_beyond})
     _refuse_if_disabled(state)
     return state
 

@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 
 from .errors import InspectError
+from .fileio import MiB, open_regular, read_bounded
 from .records import dataclass, field
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
@@ -33,6 +34,11 @@ __all__ = ["START_KERNEL_MAP", "SymbolTable", "load_symbols", "parse_symbol_text
 #: ``__START_KERNEL_map`` (arch/x86/include/asm/page_64_types.h).
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 MASK64 = (1 << 64) - 1
+#: A kallsyms or System.map text is a few MiB (about 120,000 lines on Debian 6.1 with
+#: modules); a vmlinux with DWARF is under 1 GiB, and its .symtab a few MiB.
+MAX_SYMBOL_TEXT = 256 * MiB
+MAX_VMLINUX_SYMBOLS = 4_000_000
+_ADDR = re.compile(r"[0-9a-fA-F]{1,16}\Z")
 
 
 @dataclass
@@ -115,10 +121,9 @@ def parse_symbol_text(text: str, source: str, kind: str) -> SymbolTable:
         parts = line.split()
         if len(parts) < 3:
             continue
-        try:
-            addr = int(parts[0], 16)
-        except ValueError:
+        if not _ADDR.match(parts[0]):
             continue
+        addr = int(parts[0], 16)
         if len(parts[1]) != 1:
             continue
         parsed += 1
@@ -228,9 +233,20 @@ def scan_symbol_text(data: bytes, source: str, kind: str, names: Iterable[str],
 
 
 def _load_vmlinux(path: str, fh) -> SymbolTable:
-    from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
+
+    from .elfcore import check_elf_header
+    try:
+        size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        size = None
+    e_type, _ = check_elf_header(fh.read(64), path, size, "a vmlinux")
+    fh.seek(0)
+    if e_type not in (2, 3):
+        raise InspectError(f"{path} is an ELF file of type {e_type}, not a vmlinux "
+                           "(ET_EXEC)", "pass the inspected kernel's vmlinux, System.map "
+                           "or /proc/kallsyms")
     try:
         elf = ELFFile(fh)
         symtab = elf.get_section_by_name(".symtab")
@@ -238,6 +254,9 @@ def _load_vmlinux(path: str, fh) -> SymbolTable:
             raise InspectError(f"{path} has no symbol table (stripped)",
                                "use the unstripped vmlinux (Debian: linux-image-*-dbg) "
                                "or the System.map")
+        if symtab.num_symbols() > MAX_VMLINUX_SYMBOLS:
+            raise InspectError(f"{path}: .symtab claims {symtab.num_symbols()} symbols",
+                               "pass an uncorrupted vmlinux of the inspected kernel")
         addresses: dict[str, int] = {}
         types: dict[str, str] = {}
         for sym in symtab.iter_symbols():
@@ -248,8 +267,10 @@ def _load_vmlinux(path: str, fh) -> SymbolTable:
                 addresses[name] = sym["st_value"]
                 types[name] = "A" if sym["st_shndx"] == "SHN_ABS" else "D"
         banner = _vmlinux_banner(elf, addresses.get("linux_banner"))
-    except (ELFError, ValueError, KeyError) as e:
-        raise InspectError(f"{path}: unreadable vmlinux ({e})",
+    except InspectError:
+        raise
+    except Exception as e:      # pyelftools' own errors for any malformed field
+        raise InspectError(f"{path}: unreadable vmlinux ({type(e).__name__}: {e})",
                            "pass an uncorrupted vmlinux of the inspected kernel") from None
     if "_text" not in addresses and "_stext" not in addresses:
         raise InspectError(f"{path} has no _text or _stext: not a Linux vmlinux",
@@ -276,43 +297,48 @@ def load_symbols(path: str, names: Iterable[str] | None = None) -> SymbolTable:
     """Load a kallsyms/System.map text file or a vmlinux ELF.  With *names*, a text
     file is only scanned for those (:func:`scan_symbol_text`): for the kernel's own
     /proc/kallsyms."""
+    fix = "pass /proc/kallsyms, the kernel's System.map or its vmlinux"
     try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise InspectError(f"symbol file {path} does not exist",
-                           "pass /proc/kallsyms, the kernel's System.map or its vmlinux") from None
+        fh = open_regular(path, "symbol file", fix)
     except PermissionError:
         raise InspectError(f"permission denied reading {path}",
                            "run as root, or make the symbol file readable") from None
-    except OSError as e:
-        raise InspectError(f"cannot read {path}: {e.strerror}", "check the --symbols path") from None
     with fh:
         head = fh.read(4)
         fh.seek(0)
         if head == b"\x7fELF":
             return _load_vmlinux(path, fh)
-        data = fh.read() if names is None else read_own_lines(fh)
+        try:
+            data = read_bounded(fh, path, "symbol file", MAX_SYMBOL_TEXT) if names is None \
+                else read_own_lines(fh, path)
+        except OSError as e:
+            raise InspectError(f"cannot read {path}: {e.strerror}", fix) from None
     if b"\0" in data[:4096]:
-        raise InspectError(f"{path} is neither a vmlinux nor kallsyms/System.map text",
-                           "pass /proc/kallsyms, the kernel's System.map or its vmlinux")
+        raise InspectError(f"{path} is neither a vmlinux nor kallsyms/System.map text", fix)
     kind = "kallsyms" if os.path.basename(path) == "kallsyms" else "system.map"
     if names is not None:
         return scan_symbol_text(data, path, kind, names, lambda: _reread(path))
     return parse_symbol_text(data.decode("latin-1"), path, kind)
 
 
-def read_own_lines(fh, chunk: int = 1 << 20) -> bytes:
-    """A kallsyms text up to (and with) the chunk holding its first module line.
+def read_own_lines(fh, path: str, chunk: int = 1 << 20) -> bytes:
+    """A kallsyms text up to (and with) the chunk holding its first module line, at
+    most MAX_SYMBOL_TEXT bytes.
 
     ``kernel/kallsyms.c`` lists vmlinux's own symbols first and then, each with
     ``"\\t[module]"``, those of modules, BPF and ftrace (``update_iter()``), which the
     inspector never uses: 5-8% of a live /proc/kallsyms in the Debian guests."""
     chunks = []
+    total = 0
     while True:
         data = fh.read(chunk)
         if not data:
             break
         chunks.append(data)
+        total += len(data)
+        if total > MAX_SYMBOL_TEXT:
+            raise InspectError(f"symbol file {path} is larger than {MAX_SYMBOL_TEXT // MiB} "
+                               "MiB, more than any real one", "pass the real symbol file")
         if b"\t[" in data:
             break
     return b"".join(chunks)
@@ -320,7 +346,7 @@ def read_own_lines(fh, chunk: int = 1 << 20) -> bytes:
 
 def _reread(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
+        with open_regular(path, "symbol file", "") as f:
+            return read_bounded(f, path, "symbol file", MAX_SYMBOL_TEXT)
+    except (OSError, InspectError):
         return b""

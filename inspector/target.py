@@ -15,11 +15,13 @@ a symbol file from another build and is refused.
 
 from __future__ import annotations
 
-from .elfcore import ElfCore
+from .elfcore import ElfCore, is_vmcore
 from .errors import InspectError
+from .fileio import open_regular
 from .memory import CoreMemory, MemorySource
 from .records import dataclass, field
 from .symbols import MASK64, START_KERNEL_MAP, SymbolTable, load_symbols, parse_symbol_text
+from .vmcoreinfo import VmcoreInfo
 
 __all__ = ["Target", "open_target", "SNAPSHOT_NOTE", "NT_SYMBOLS", "NT_META",
            "KCORE_PATH", "KALLSYMS_PATH", "LIVE_SYMBOLS", "live_symbol_names"]
@@ -32,46 +34,35 @@ NT_SYMBOLS = 1     # kallsyms-format text of the symbols the inspector used
 NT_META = 2        # JSON: capture time, host facts (sysfs), tool version
 
 
-def _num(value: str) -> int:
-    return int(value, 0) if value.lstrip("-").startswith("0x") else int(value, 10)
-
-
-def _signed64(v: int) -> int:
-    v &= MASK64
-    return v - (1 << 64) if v >> 63 else v
-
-
 @dataclass
 class Target:
     core: ElfCore
     mem: MemorySource
     symbols: SymbolTable
-    vmcoreinfo: dict[str, str]
+    vmcoreinfo: VmcoreInfo
     live: bool
     meta: dict = field(default_factory=dict)      # snapshot metadata, {} otherwise
 
     @property
     def osrelease(self) -> str:
-        return self.vmcoreinfo.get("OSRELEASE", "unknown")
+        return self.vmcoreinfo.osrelease or "unknown"
 
     @property
     def kaslr_offset(self) -> int:
-        v = self.vmcoreinfo.get("KERNELOFFSET")
-        return int(v, 16) if v else 0
+        return self.vmcoreinfo.kernel_offset or 0
 
     @property
     def phys_base(self) -> int:
         """``phys_base`` as a signed delta (it is "negative" under some KASLR)."""
-        v = self.vmcoreinfo.get("NUMBER(phys_base)")
+        v = self.vmcoreinfo.phys_base
         if v is None:
             raise InspectError(f"{self.core.path}: VMCOREINFO lacks NUMBER(phys_base)",
                                "this core is not from an x86-64 kernel with kexec support")
-        return _signed64(_num(v))
+        return v
 
     @property
     def sme_mask(self) -> int:
-        v = self.vmcoreinfo.get("NUMBER(sme_mask)")
-        return _num(v) & MASK64 if v else 0
+        return self.vmcoreinfo.sme_mask or 0
 
     def pa_symbol(self, vaddr: int) -> int:
         """``__pa_symbol()``: physical address of a kernel-image address."""
@@ -96,15 +87,26 @@ def _embedded_symbols(core: ElfCore) -> SymbolTable | None:
     return None
 
 
+#: The metadata note is a small JSON object (capture time, tool, host facts).
+MAX_META = 16 << 20
+
+
 def _meta(core: ElfCore) -> dict:
+    """The snapshot's metadata note, checked: a JSON object whose ``host`` is an object
+    (HostFacts.from_dict checks its fields when a state is loaded)."""
     for note in core.notes:
         if note.name == SNAPSHOT_NOTE and note.type == NT_META:
             try:
+                if len(note.desc) > MAX_META:
+                    raise ValueError("too large")
                 import json     # snapshots only: a live run imports no json decoder
-                return json.loads(note.desc.rstrip(b"\0").decode())
-            except ValueError:
+                meta = json.loads(note.desc.rstrip(b"\0").decode("utf-8"))
+            except (ValueError, RecursionError):
+                meta = None
+            if not isinstance(meta, dict) or not isinstance(meta.get("host", {}), dict):
                 raise InspectError(f"{core.path}: damaged snapshot metadata note",
-                                   "capture the snapshot again") from None
+                                   "capture the snapshot again")
+            return meta
     return {}
 
 
@@ -118,27 +120,18 @@ POINTER_VALUED = frozenset({"mem_section", "vmemmap", "mem_map"})
 KASLR_ALIGN = 0x200000
 
 
-def _vmcoreinfo_symbols(info: dict[str, str]) -> dict[str, int]:
+def _vmcoreinfo_symbols(info: VmcoreInfo) -> dict[str, int]:
     """The image addresses VMCOREINFO exports, for matching a symbol file."""
-    out = {}
-    for key, value in info.items():
-        if key.startswith("SYMBOL(") and key.endswith(")"):
-            name = key[7:-1]
-            try:
-                addr = int(value, 16)
-            except ValueError:
-                continue
-            if name not in POINTER_VALUED and addr >= START_KERNEL_MAP:
-                out[name] = addr
-    return out
+    return {name: addr for name, addr in info.symbols.items()
+            if name not in POINTER_VALUED and addr >= START_KERNEL_MAP}
 
 
 def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolTable:
     """Shift *syms* to the running image and prove it belongs to *core*."""
     info = core.vmcoreinfo
-    release = info.get("OSRELEASE", "?")
+    release = info.osrelease or "?"
     exported = _vmcoreinfo_symbols(info)
-    offset = int(info["KERNELOFFSET"], 16) if "KERNELOFFSET" in info else 0
+    offset = info.kernel_offset or 0
     shifts = [0] if syms.kind in ("kallsyms", "snapshot") else [offset, 0]
     fix = (f"use /proc/kallsyms of the running kernel, or the System.map/vmlinux "
            f"built with the inspected kernel ({release})")
@@ -185,12 +178,12 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
     return chosen
 
 
-def _read_image(core: ElfCore, vaddr: int, syms: SymbolTable, info: dict) -> bytes | None:
+def _read_image(core: ElfCore, vaddr: int, syms: SymbolTable, info: VmcoreInfo) -> bytes | None:
     """Read a kernel-image address through its physical alias (vmcores
     without a kernel-text segment)."""
-    if vaddr < START_KERNEL_MAP or "NUMBER(phys_base)" not in info:
+    if vaddr < START_KERNEL_MAP or info.phys_base is None:
         return None
-    pa = (vaddr - START_KERNEL_MAP + _signed64(_num(info["NUMBER(phys_base)"]))) & MASK64
+    pa = (vaddr - START_KERNEL_MAP + info.phys_base) & MASK64
     return core.read_paddr(pa, 256)
 
 
@@ -213,11 +206,40 @@ def live_symbol_names(info: dict[str, str]) -> list[str]:
     return list(dict.fromkeys((*LIVE_SYMBOLS, *exported)))
 
 
+def _has_elf_magic(path: str) -> bool:
+    """True when *path* starts with the ELF magic; False for anything else, including
+    what cannot be read (the readers then say why)."""
+    try:
+        with open_regular(path, "core", "check the --core path") as f:
+            return f.read(4) == b"\x7fELF"
+    except (InspectError, OSError):
+        return False
+
+
 def open_target(core_path: str = KCORE_PATH, symbols_path: str | None = None,
                 wrap=None) -> Target:
     """Open a core and its symbols.  *wrap* may wrap the memory source
-    (e.g. :class:`~inspector.memory.RecordingMemory` for snapshots)."""
-    core = ElfCore(core_path)
+    (e.g. :class:`~inspector.memory.RecordingMemory` for snapshots).  Crash dumps
+    (kdump-compressed, ELF vmcores) go to :mod:`inspector.dumptarget`."""
+    # Crash dumps go to libkdumpfile; an ELF core that is /proc/kcore-shaped or a
+    # snapshot stays here without importing the dump modules (README, Performance).
+    if core_path != KCORE_PATH and not _has_elf_magic(core_path):
+        from .dumptarget import is_dump, open_dump_target
+        if is_dump(core_path):
+            return open_dump_target(core_path, symbols_path, wrap)
+    try:
+        core = ElfCore(core_path)
+    except InspectError:
+        if core_path == KCORE_PATH:
+            raise
+        from .dumptarget import is_dump, open_dump_target
+        if is_dump(core_path):          # e.g. QEMU 7.2's ELF dumps (e_ehsize 8)
+            return open_dump_target(core_path, symbols_path, wrap)
+        raise
+    if core_path != KCORE_PATH and is_vmcore(core, SNAPSHOT_NOTE):
+        core.close()
+        from .dumptarget import open_dump_target
+        return open_dump_target(core_path, symbols_path, wrap)
     try:
         if not core.vmcoreinfo:
             raise InspectError(f"{core_path} has no VMCOREINFO note (kernel before 4.19, "

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import time
 
 from .cli import HelpFormatter
 from .errors import EXIT_OK, InspectError
+from .model import parse_cpu_list
+from .safetext import print_out
 from .target import KCORE_PATH
 
 EXAMPLES = """examples:
@@ -20,6 +21,8 @@ EXAMPLES = """examples:
     espfix-inspect trace -p 1234         # modify_ldt and returns of one process only
     espfix-inspect trace --json 10       # one JSON object per line
     espfix-inspect trace --no-returns    # init_espfix_ap and modify_ldt only
+    espfix-inspect trace --summary --no-returns --no-ldt   # online CPUs, then Ctrl-C:
+                                         # the init summary alone
     espfix-inspect trace --ebpf          # print the BPF program and exit
 
 what is traced:
@@ -31,6 +34,11 @@ what is traced:
     RETURNS at the end: returns to user mode through espfix, per CPU and task, counted at
             the irq_vectors:*_exit, exceptions:page_fault_user, rt_sigreturn and
             raw_syscalls:sys_exit tracepoints (see README for what is and is not counted)
+    SUMMARY at the end: the init_espfix_ap calls (set up / early return, latency
+            percentiles and a log2 histogram as funclatency prints it), the pages they
+            allocated next to what `layout` predicts for the CPUs that came up, time
+            blocked on espfix_init_mutex (lock:contention_begin/end, v5.19+), and the
+            CPU that ran each call (--summary: this alone, no INIT or LDT lines)
 
 exit status: 0 traced until Ctrl-C, SIGTERM or the duration; 2 could not trace
 """
@@ -43,11 +51,16 @@ def add_parser(sub) -> None:
                    "Ctrl-C)")
     p.add_argument("-p", "--pid", type=int, help="only this process (modify_ldt, returns)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--summary", action="store_true",
+                   help="print only the init summary at the end, no INIT or LDT lines")
     p.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
     p.add_argument("--no-init", action="store_true", help="do not probe init_espfix_ap")
     p.add_argument("--no-ldt", action="store_true", help="do not trace modify_ldt")
     p.add_argument("--no-returns", action="store_true", help="do not count espfix returns")
     p.add_argument("--no-holders", action="store_true", help="do not list LDT holders at start")
+    p.add_argument("--no-lock", action="store_true",
+                   help="do not time waits on espfix_init_mutex (lock:contention_* "
+                        "tracepoints, which fire for every contended lock in the system)")
     p.add_argument("--return-sources", metavar="LIST",
                    help="count returns only at these tracepoints (comma-separated event "
                         "names, e.g. local_timer_exit,page_fault_user; default: all)")
@@ -56,7 +69,7 @@ def add_parser(sub) -> None:
 
 
 def _want(args: argparse.Namespace) -> set[str]:
-    want = {"init", "ldt", "returns", "holders"}
+    want = {"init", "ldt", "returns", "holders", "lock"}
     for name in list(want):
         if getattr(args, f"no_{name}"):
             want.discard(name)
@@ -103,34 +116,48 @@ class LiveVerifier:
                 "online": bool(st and st.online), "initialised": bool(st and st.initialised),
                 "findings": [f.as_dict() for f in mine]}
 
+    def initialised(self) -> tuple[set[int], str]:
+        """The CPUs with a ministack now, for the summary's layout prediction: from
+        per_cpu(espfix_stack) through /proc/kcore, else (no kcore) the online CPUs,
+        which all have one."""
+        from .state import load_state
+        from .target import open_target
+        try:
+            if self.target is None:
+                self.target = open_target(KCORE_PATH, None)
+            self.target.fresh_memory()
+            state = load_state(self.target)
+            return ({c for c, st in state.cpus.items() if st.initialised},
+                    "espfix_stack read through /proc/kcore")
+        except (InspectError, OSError, ValueError) as e:
+            self.close()
+            why = e.cause if isinstance(e, InspectError) else str(e)
+            try:
+                with open("/sys/devices/system/cpu/online") as f:
+                    online = set(parse_cpu_list(f.read(4096)))
+            except (OSError, ValueError):
+                online = set()
+            return online, f"the online CPUs; /proc/kcore unusable: {why}"
+
     def close(self) -> None:
         if self.target is not None:
             self.target.close()
             self.target = None
 
 
-def _init_line(ev: dict) -> str:
-    alloc = f"; allocated: {', '.join(ev['allocated'])}" if ev["allocated"] else ""
-    v = ev.get("validate")
-    ver = ""
-    if v is not None:
-        ver = f"; validate cpu {ev['target_cpu']}: {v['verdict']}"
-        if v["verdict"] == "not checked":
-            ver += f" ({v['why']})"
-        for f in v.get("findings", []):
-            ver += f"\n          {f['severity']} {f['check']}: {f['message']}"
-    return (f"cpu {ev['target_cpu']} brought up by cpu {ev['cpu']} (pid {ev['pid']} "
-            f"{ev['comm']}), {ev['latency_us']} us: {ev['outcome']}{alloc}{ver}")
-
-
-def _ldt_line(ev: dict) -> str:
-    head = f"pid {ev['pid']} ({ev['comm']}) modify_ldt({ev['func']:#x})"
-    if "entry" in ev:
-        bits = "16-bit" if ev["sixteen_bit"] else ("64-bit" if ev["lm"] else
-                                                    "32-bit" if ev["seg_32bit"] else "empty")
-        head += (f": entry {ev['entry']} (selector {ev['selector']}), {bits} {ev['kind']}, "
-                 f"base {ev['base']} limit {ev['limit']}")
-    return f"{head} -> {ev['ret']}"
+def _ebpf_listing(tr, want: set[str], sources: set[str] | None, pid: int | None) -> str:
+    """--ebpf: the program as it would be loaded here (symbols when kallsyms shows them)."""
+    try:
+        syms = tr.kernel_symbols()
+    except InspectError:
+        syms = None
+    plan = tr.Plan(init="init" in want, ldt="ldt" in want, holders="holders" in want,
+                   lock="init" in want and "lock" in want,
+                   returns=[i for i, (_c, ev, _i, _w) in enumerate(tr.RETURN_SOURCES)
+                            if sources is None or ev in sources] if "returns" in want else [],
+                   irq_regs=syms is not None and "__irq_regs" in syms)
+    text, flags = tr.program_text(plan, syms, pid)
+    return tr.ebpf_listing(text, flags)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -142,16 +169,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     want = _want(args)
     sources = _sources(args, tr)
     if args.ebpf:
-        try:
-            syms = tr.kernel_symbols()
-        except InspectError:
-            syms = None
-        plan = tr.Plan(init="init" in want, ldt="ldt" in want, holders="holders" in want,
-                       returns=[i for i, (_c, ev, _i, _w) in enumerate(tr.RETURN_SOURCES)
-                                if sources is None or ev in sources] if "returns" in want else [],
-                       irq_regs=syms is not None and "__irq_regs" in syms)
-        text, flags = tr.program_text(plan, syms, args.pid)
-        print(tr.ebpf_listing(text, flags))
+        print_out(_ebpf_listing(tr, want, sources, args.pid))
         return EXIT_OK
     if args.duration is not None and args.duration <= 0:
         raise InspectError(f"duration {args.duration} must be positive", "give seconds, e.g. 10")
@@ -162,12 +180,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if not (plan.init or plan.ldt or plan.returns or plan.holders):
         raise InspectError("nothing can be traced on this kernel: " + "; ".join(plan.missing),
                            "see README, trace: requirements")
-    out = sys.stdout
 
-    def emit(doc: dict, line: str) -> None:
-        out.write((json.dumps(doc) if args.json else line) + "\n")
-        out.flush()
-
+    from .trace_output import JsonTrace, TextTrace
+    out = (JsonTrace if args.json else TextTrace)(lambda text: print_out(text, flush=True),
+                                                  events=not args.summary)
     # Ctrl-C and SIGTERM end the trace between two polls, so that no event already
     # read from the ring buffers is dropped; SIGINT is set explicitly because a shell
     # leaves it ignored for background jobs.
@@ -178,38 +194,29 @@ def cmd_trace(args: argparse.Namespace) -> int:
     verifier = LiveVerifier()
     t0 = time.monotonic()
     reason = "duration"
+    inits: list[dict] = []
+    before: set[int] = set()
+    before_source = ""
 
     def handle(events: list[dict]) -> None:
         for ev in events:
-            # bpf_ktime_get_ns() is CLOCK_MONOTONIC, the clock of time.monotonic()
-            ts = ev.pop("ts_ns") / 1e9 - t0
             if ev["type"] == "init":
                 if not args.no_verify:
                     ev["validate"] = verifier.verify(ev["target_cpu"])
-                emit({**ev, "t": round(ts, 3)}, f"{ts:9.3f}  INIT   {_init_line(ev)}")
-            else:
-                emit({**ev, "t": round(ts, 3)}, f"{ts:9.3f}  LDT    {_ldt_line(ev)}")
+                inits.append(ev)
+            # bpf_ktime_get_ns() is CLOCK_MONOTONIC, the clock of time.monotonic()
+            out.event(ev, ev["ts_ns"] / 1e9 - t0)
 
     try:
-        if not args.json:
-            emit({}, f"Tracing {plan.describe()}" + (f" for pid {args.pid}" if args.pid else "")
-                 + (f" for {args.duration:g} s" if args.duration else "") + ". Ctrl-C to end.")
-            for m in plan.missing:
-                emit({}, f"not traced: {m}")
-        else:
-            emit({"type": "start", "tracing": plan.describe(), "missing": plan.missing}, "")
+        if plan.init:
+            # The CPUs with a ministack once the probes are live: what the summary's
+            # layout prediction starts from.
+            before, before_source = verifier.initialised()
+        out.start(plan.describe(), plan.missing, args.pid, args.duration)
         holders, walked, cut = session.ldt_holders()
         if plan.holders:
-            if args.json:
-                for h in holders:
-                    emit(h, "")
-            else:
-                names = ", ".join(f"{h['pid']} ({h['comm']}, {h['nr_entries']} entries)"
-                                  for h in holders) or "none"
-                emit({}, f"LDT holders now ({walked} processes walked"
-                         f"{', cut short' if cut else ''}): {names}")
-        if not args.json:
-            emit({}, f"{'TIME(s)':>9}  {'EVENT':6} DETAILS")
+            out.holders(holders, walked, cut)
+        out.ready()
         while not stop:
             left = None if args.duration is None else args.duration - (time.monotonic() - t0)
             if left is not None and left <= 0:
@@ -231,21 +238,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
         verifier.close()
     elapsed = time.monotonic() - t0
     if plan.returns:
-        if args.json:
-            for r in rows:
-                emit(r, "")
-        else:
-            from tabulate import tabulate
-            emit({}, f"\nreturns through espfix: {counted} counted of {looked} "
-                     f"return-to-user events seen in {elapsed:.1f} s")
-            if rows:
-                emit({}, tabulate([[r["cpu"], r["pid"], r["comm"], r["ss"], r["cs"],
-                                    r["source"], r["count"]] for r in rows],
-                                  headers=["CPU", "PID", "COMM", "SS", "CS", "SOURCE",
-                                           "COUNT"]))
-    emit({"type": "end", "reason": reason, "seconds": round(elapsed, 3),
-          "looked": looked, "counted": counted},
-         f"ended ({reason}) after {elapsed:.1f} s; probes detached")
+        out.returns(rows, looked, counted, elapsed)
+    if plan.init:
+        from .trace_summary import summarize
+        out.summary(summarize(inits, before, before_source, plan.lock_why))
+    out.end(reason, elapsed, looked, counted)
     return EXIT_OK
 
 

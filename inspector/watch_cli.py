@@ -9,11 +9,10 @@ documents differ.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 
 from .cli import HelpFormatter
-from .errors import EXIT_FINDINGS, EXIT_OK, InspectError
+from .errors import EXIT_FINDINGS, EXIT_OK
+from .safetext import print_out
 from .target import KCORE_PATH
 
 __all__ = ["add_parser", "COMMANDS"]
@@ -110,15 +109,17 @@ def add_parser(sub) -> None:
 
 
 def _print(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()          # one line at a time into the journal or a pipe
+    print_out(line, flush=True)     # one line at a time into the journal or a pipe
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from .journal import prefix, stream_is_journal
     from .prom import check_textfile_dir, render, write_textfile
     import json
 
-    from .watch import Watcher, build_config, event_text
+    from .watch import Watcher
+    from .watch_config import build_config
+    from .watch_events import ErrorEvent, Event, event_json, event_severity, event_text
     overrides = {k: v for k, v in (("interval", args.interval), ("core", args.core),
                                    ("symbols", args.symbols), ("json", args.json),
                                    ("textfile", args.textfile), ("frames", args.frames),
@@ -128,24 +129,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
         check_textfile_dir(config.textfile)
 
     watcher: Watcher
+    journal_out, journal_err = stream_is_journal(1), stream_is_journal(2)
 
-    def emit(ev: dict) -> None:
+    def emit(ev: Event) -> None:
+        mark = prefix(event_severity(ev), journal_out)     # <3>/<4> for journalctl -p
         if watcher.config.json:
-            _print(json.dumps(ev, separators=(",", ":")))
+            _print(mark + json.dumps(event_json(ev), separators=(",", ":")))
         else:
-            _print(event_text(ev))
-        if ev["event"] == "error":
-            print(f"{PROG}: watch: {ev['message']}", file=sys.stderr, flush=True)
+            _print(mark + event_text(ev))
+        if isinstance(ev, ErrorEvent):
+            print_out(f"{prefix('error', journal_err)}{PROG}: watch: {ev.message}", err=True)
 
     def on_round(res) -> None:
         directory = watcher.config.textfile
-        if not directory:
-            return
-        try:
+        if directory:       # a failed write raises: the watcher reports it and fails the exit
             write_textfile(directory, render(res, watcher.config.frames))
-        except InspectError as e:
-            emit({"event": "error", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "round": res.number, "message": e.line()})
 
     watcher = Watcher(config, emit, on_round, config_path=args.config, overrides=overrides)
     return watcher.run()
@@ -157,7 +155,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     a = load_side(args.a, args.symbols_a)
     b = load_side(args.b, args.symbols_b)
     res = diff_docs(a, b)
-    print(dumps(diff_json(res)) if args.json else diff_text(res))
+    print_out(dumps(diff_json(res)) if args.json else diff_text(res))
     return EXIT_OK if res.same else EXIT_FINDINGS
 
 

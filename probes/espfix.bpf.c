@@ -7,6 +7,10 @@
  *   WANT_INIT     kprobe + kretprobe on init_espfix_ap(int cpu)
  *                 (arch/x86/kernel/espfix_64.c; called from do_boot_cpu() in
  *                 arch/x86/kernel/smpboot.c on the CPU that brings `cpu` up)
+ *   WANT_LOCK     lock:contention_begin/end (since Linux kernel commit 16edd9b511a1,
+ *                 "locking: Add lock contention tracepoints", in v5.19) filtered on
+ *                 &espfix_init_mutex: the time an init_espfix_ap() call was blocked on
+ *                 it, added to that call's INIT event (needs WANT_INIT)
  *   WANT_LDT      syscalls:sys_{enter,exit}_modify_ldt, struct user_desc decoded
  *                 (arch/x86/include/uapi/asm/ldt.h)
  *   WANT_RETURNS  the events that precede a return to user mode; counted when the
@@ -21,6 +25,7 @@
  *   ESPFIX_STACK  the per-CPU symbol espfix_stack; PER_CPU_OFFSET  __per_cpu_offset[]
  *   ESPFIX_PAGES  espfix_pages[]; ESPFIX_PUD_PAGE  espfix_pud_page[];
  *   PAGE_RANDOM   page_random; PAGE_OFFSET_BASE  page_offset_base; IRQ_REGS  __irq_regs
+ *   ESPFIX_INIT_MUTEX  &espfix_init_mutex
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -60,6 +65,8 @@ struct init_event {
     u32 target_cpu, cpu, pid, pad;
     char comm[TASK_COMM_LEN];
     struct init_state before, after;
+    u64 lock_wait_ns;          /* blocked on espfix_init_mutex during this call */
+    u32 lock_contended, pad2;  /* contention_end events on it during this call */
 };
 
 BPF_HASH(init_start, u64, struct init_event, 64);
@@ -110,6 +117,43 @@ int on_init_return(struct pt_regs *ctx)
     init_start.delete(&id);
     return 0;
 }
+
+#ifdef WANT_LOCK
+/* ------------------------------------------------ waits on espfix_init_mutex */
+/* __mutex_lock_common() (kernel/locking/mutex.c) fires contention_begin before its
+ * optimistic spin and again before it sleeps, and contention_end once it has the
+ * lock; the uncontended fast path fires neither.  The wait runs from the first begin
+ * to the end, in the task that called init_espfix_ap(). */
+BPF_HASH(lock_start, u64, u64, 1024);
+
+TRACEPOINT_PROBE(lock, contention_begin)
+{
+    if ((u64)args->lock_addr != ESPFIX_INIT_MUTEX)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u64 ts = bpf_ktime_get_ns();
+    lock_start.insert(&id, &ts);          /* keeps the first begin */
+    return 0;
+}
+
+TRACEPOINT_PROBE(lock, contention_end)
+{
+    if ((u64)args->lock_addr != ESPFIX_INIT_MUTEX)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u64 *ts = lock_start.lookup(&id);
+    if (!ts)
+        return 0;
+    u64 wait = bpf_ktime_get_ns() - *ts;
+    lock_start.delete(&id);
+    struct init_event *ev = init_start.lookup(&id);
+    if (ev) {
+        ev->lock_wait_ns += wait;
+        ev->lock_contended += 1;
+    }
+    return 0;
+}
+#endif
 #endif
 
 #ifdef WANT_LDT

@@ -17,6 +17,7 @@ from inspector.elfcore import lockdown_state
 from inspector.errors import InspectError
 from inspector.hostfacts import read_host_facts
 from inspector.symbols import SymbolTable, load_symbols
+from inspector.trace_summary import Outcome
 
 BPF_SOURCE = Path(__file__).resolve().with_name("espfix.bpf.c")
 TASK_COMM_LEN = 16
@@ -49,7 +50,14 @@ SYMBOLS = {
              "page_random", "page_offset_base"),
     "returns": ("__per_cpu_offset",),
     "holders": ("init_task",),
+    "lock": ("espfix_init_mutex",),
 }
+
+#: The tracepoints that time waits on espfix_init_mutex (include/trace/events/lock.h,
+#: since Linux kernel commit 16edd9b511a1, "locking: Add lock contention tracepoints",
+#: in v5.19; fired in the mutex slow path since ee042be16cb4, "locking: Apply
+#: contention tracepoints in the slow path", same release).
+LOCK_TRACEPOINTS = (("lock", "contention_begin"), ("lock", "contention_end"))
 
 
 @dataclass
@@ -60,12 +68,15 @@ class Plan:
     returns: list[int] = field(default_factory=list)      # indexes into RETURN_SOURCES
     holders: bool = False
     irq_regs: bool = False
+    lock: bool = False
+    lock_why: str | None = "not asked for (--no-lock)"   # why waits are not measured
     missing: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         parts = []
         if self.init:
-            parts.append("init_espfix_ap (kprobe + kretprobe)")
+            parts.append("init_espfix_ap (kprobe + kretprobe"
+                         + (", espfix_init_mutex waits)" if self.lock else ")"))
         if self.ldt:
             parts.append("modify_ldt (syscall tracepoints)")
         if self.returns:
@@ -138,6 +149,16 @@ def make_plan(BPF, syms: SymbolTable | None, want: set[str],
                                 "(CONFIG_KALLSYMS_ALL off?)")
         else:
             plan.init = True
+    if "lock" in want and plan.init:
+        absent = [f"{c}:{e}" for c, e in LOCK_TRACEPOINTS if not BPF.tracepoint_exists(c, e)]
+        if absent:
+            plan.lock_why = f"no {absent[0]} tracepoint (added in v5.19)"
+        elif have(SYMBOLS["lock"]):
+            plan.lock_why = "espfix_init_mutex is not in kallsyms (CONFIG_KALLSYMS_ALL off?)"
+        else:
+            plan.lock, plan.lock_why = True, None
+        if plan.lock_why:
+            plan.missing.append(f"espfix_init_mutex waits: {plan.lock_why}")
     if "ldt" in want:
         absent = [e for e in ("sys_enter_modify_ldt", "sys_exit_modify_ldt")
                   if not BPF.tracepoint_exists("syscalls", e)]
@@ -182,7 +203,8 @@ def program_text(plan: Plan, syms: SymbolTable | None, pid: int | None) -> tuple
         probes.append(f"int ret_{i}(void *ctx) {{ return count_return({i}, {check}); }}")
     text = text.replace("@RETURN_PROBES@", "\n".join(probes))
     flags = []
-    for name, on in (("WANT_INIT", plan.init), ("WANT_LDT", plan.ldt),
+    for name, on in (("WANT_INIT", plan.init), ("WANT_LOCK", plan.init and plan.lock),
+                     ("WANT_LDT", plan.ldt),
                      ("WANT_RETURNS", bool(plan.returns)), ("WANT_HOLDERS", plan.holders)):
         if on:
             flags.append(f"-D{name}")
@@ -193,7 +215,7 @@ def program_text(plan: Plan, syms: SymbolTable | None, pid: int | None) -> tuple
     consts = {"ESPFIX_STACK": "espfix_stack", "PER_CPU_OFFSET": "__per_cpu_offset",
               "ESPFIX_PAGES": "espfix_pages", "ESPFIX_PUD_PAGE": "espfix_pud_page",
               "PAGE_RANDOM": "page_random", "PAGE_OFFSET_BASE": "page_offset_base",
-              "INIT_TASK": "init_task"}
+              "INIT_TASK": "init_task", "ESPFIX_INIT_MUTEX": "espfix_init_mutex"}
     for macro, sym in consts.items():
         flags.append(f"-D{macro}={addr(sym)}")
     if plan.irq_regs:
@@ -230,7 +252,9 @@ class InitEvent(ctypes.Structure):
                 ("target_cpu", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
                 ("pid", ctypes.c_uint32), ("pad", ctypes.c_uint32),
                 ("comm", ctypes.c_char * TASK_COMM_LEN),
-                ("before", InitState), ("after", InitState)]
+                ("before", InitState), ("after", InitState),
+                ("lock_wait_ns", ctypes.c_uint64), ("lock_contended", ctypes.c_uint32),
+                ("pad2", ctypes.c_uint32)]
 
 
 class LdtEvent(ctypes.Structure):
@@ -258,7 +282,10 @@ PRESENT = 1
 
 
 def init_summary(ev: InitEvent) -> dict:
-    """What one init_espfix_ap() call did, from the state read before and after it."""
+    """What one init_espfix_ap() call did, from the state read before and after it.
+    ``mutex``: it took espfix_init_mutex, which init_espfix_ap() does only when it
+    finds espfix_pages[cpu / 64] NULL; ``lock_wait_ns``/``lock_contended``: how long
+    and how often it waited for it (0 unless the lock tracepoints are attached)."""
     b, a = ev.before, ev.after
     did_work = b.stack == 0 and a.stack != 0
     allocated = []
@@ -272,10 +299,11 @@ def init_summary(ev: InitEvent) -> dict:
     return {
         "type": "init", "ts_ns": ev.ts_ns, "target_cpu": ev.target_cpu, "cpu": ev.cpu, "pid": ev.pid,
         "comm": ev.comm.decode(errors="replace"), "latency_us": round(ev.latency_ns / 1e3, 1),
-        "outcome": ("set up" if did_work else
-                    "early return (espfix_stack already set)" if b.stack else
-                    "returned without setting espfix_stack"),
-        "allocated": allocated,
+        "latency_ns": ev.latency_ns,
+        "outcome": (Outcome.SET_UP if did_work else
+                    Outcome.EARLY_RETURN if b.stack else Outcome.NOT_SET).value,
+        "allocated": allocated, "mutex": did_work and not b.page,
+        "lock_wait_ns": ev.lock_wait_ns, "lock_contended": ev.lock_contended,
         "espfix_stack": f"{a.stack:#x}", "espfix_pages": f"{a.page:#x}",
     }
 

@@ -96,6 +96,11 @@ def f_not_initialised(k: SynthKernel) -> None:
     k.set_percpu(3, "espfix_waddr", 0)
 
 
+def f_cleared_stack(k: SynthKernel) -> None:
+    # espfix_stack zeroed after init_espfix_ap(): espfix_waddr still set (seen live, issue 11)
+    k.set_percpu(3, "espfix_stack", 0)
+
+
 def f_missing_pti(k: SynthKernel) -> None:
     k.write_u64(k.espfix_top_entry_pa(user=True), 0)
 

@@ -20,7 +20,8 @@ import struct
 from dataclasses import dataclass, field
 
 from inspector.elfcore import NO_PADDR
-from inspector.elfwrite import LoadSegment, NoteEntry, atomic_output, write_core
+from inspector.elfwrite import LoadSegment, NoteEntry, write_core
+from inspector.fileio import atomic_output
 from inspector.model import (ESPFIX_PMD_CLONES, ESPFIX_PTE_CLONES,
                              ESPFIX_PUD_CLONES, ESPFIX_STACKS_PER_PAGE, PTE_STRIDE,
                              Randomness, espfix_base_addr)
@@ -190,6 +191,11 @@ class SynthKernel:
         for c in cpus:
             words[c // 64] |= 1 << (c % 64)
         self._raw_put(self.syms[name], struct.pack(f"<{len(words)}Q", *words))
+
+    def write_mask(self, name: str, cpus) -> None:
+        """Overwrite a cpumask (``__cpu_online_mask``...) without touching anything else:
+        the corruption a test wants."""
+        self._set_mask(name, cpus)
 
     # -- memory access -----------------------------------------------------
     def _image_off(self, vaddr: int) -> int | None:

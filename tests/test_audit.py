@@ -7,7 +7,8 @@ import pytest
 
 from tests.conftest import kernel
 from tests.synthcore import RW
-from tests.faults import (f_bad_pages, f_bad_stack, f_bad_waddr, f_missing_pmd, f_missing_pte,
+from tests.faults import (f_bad_pages, f_bad_stack, f_bad_waddr, f_cleared_stack,
+                          f_missing_pmd, f_missing_pte,
                           f_missing_pti, f_missing_pud, f_not_initialised, f_null_pages,
                           f_nx_pte, f_nx_pud, f_statics, f_stray_pte, f_stray_pud,
                           f_top_entry, f_user_pte, f_walk, f_writable_pmd, f_writable_pte,
@@ -76,7 +77,9 @@ FAULTS = [
     ("wrong espfix_waddr", {}, f_bad_waddr, "espfix_waddr", 2),
     ("NULL espfix_pages", {}, f_null_pages, "espfix_pages", 0),
     ("wrong espfix_pages", {}, f_bad_pages, "espfix_waddr", 0),
+    ("wrong espfix_pages is named", {}, f_bad_pages, "espfix_pages", 0),
     ("online CPU not initialised", {}, f_not_initialised, "cpu_init", 3),
+    ("espfix_stack cleared after init", {}, f_cleared_stack, "cpu_init", 3),
     ("missing PTI clone 5-level", dict(pti=True), f_missing_pti, "pti", "any"),
     ("missing PTI clone 4-level", dict(pti=True, levels=4), f_missing_pti, "pti_walk", 0),
     ("top entry elsewhere", {}, f_top_entry, "top_entry", "any"),
@@ -159,3 +162,35 @@ def test_group_fault_marks_the_initialised_cpus_of_the_group(inspect):
     f_nx_pud(k)
     _, result = inspect(k)
     assert result.per_cpu_bad == set(range(1024))
+
+
+def test_espfix_pages_blamed_only_when_walks_and_waddrs_agree(inspect):
+    """Issue 11, seen live: espfix_pages[0] pointed at another page while every CPU's
+    espfix_stack mapped, and espfix_waddr pointed into, the real one.  Then espfix_pages
+    is named (not only the CPUs' espfix_waddr).  When the walks or the waddrs disagree
+    among themselves, espfix_pages is not blamed."""
+    k = kernel()
+    f_bad_pages(k)
+    _, result = inspect(k)
+    hit = find(result, "espfix_pages", 0)
+    assert len(hit) == 1 and "a CPU of this page brought online next" in hit[0].message
+    assert hit[0].as_dict()["affects"] == "0-63"
+    for mutate in (f_bad_waddr, f_walk, f_wrong_pte, f_bad_stack):
+        k = kernel()
+        mutate(k)
+        _, result = inspect(k)
+        assert not find(result, "espfix_pages"), (mutate.__name__, errors(result))
+
+
+def test_cleared_espfix_stack_is_not_called_never_initialised(inspect):
+    """init_espfix_ap() sets espfix_stack and espfix_waddr: with espfix_waddr still set,
+    the cause is a cleared word, not an init that never ran (seen live, issue 11)."""
+    k = kernel()
+    f_cleared_stack(k)
+    _, result = inspect(k)
+    msg = find(result, "cpu_init", 3)[0].message
+    assert "init_espfix_ap() ran" in msg and "never ran" not in msg
+    k = kernel()
+    f_not_initialised(k)
+    _, result = inspect(k)
+    assert "never ran" in find(result, "cpu_init", 3)[0].message

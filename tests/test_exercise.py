@@ -172,3 +172,99 @@ def test_child_killed_and_reaped_on_signal(sig):
     assert err.count("\n") == 1 and "Traceback" not in err
     for kid in kids:
         assert not os.path.exists(f"/proc/{kid}"), f"child {kid} survived the {sig.name}"
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    """True once *pid* no longer exists (or is a zombie nobody will reap)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_child_dies_with_a_sigkilled_parent():
+    """An OOM kill or a systemd stop timeout sends SIGKILL: no finally block runs in the
+    parent, so the kernel must kill the child (PR_SET_PDEATHSIG, PTRACE_O_EXITKILL)."""
+    proc = subprocess.Popen([sys.executable, "-m", "inspector", "exercise", "--no-kcore",
+                             "--cpu", str(_allowed()[0]), "--duration", "20"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while not kids and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            kids = _children(proc.pid)
+        if proc.poll() is not None:
+            pytest.skip(f"exercise cannot run here: {proc.stderr.read().strip()}")
+        assert kids, "no exercise child appeared"
+        time.sleep(0.5)                   # the child is set up and spinning
+        proc.kill()
+        proc.wait(timeout=10)
+        for kid in kids:
+            assert _gone(kid, 5), f"child {kid} survived SIGKILL of its parent"
+    finally:
+        for kid in kids:
+            try:
+                os.kill(kid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_idle_round_is_retried_then_could_not_run(monkeypatch):
+    """A round whose child never ran is run again, longer, before it counts; a round
+    that still cannot run is 'could not run', not a finding."""
+    durations = []
+
+    def fake_round(page, pid, cpu, mode, lo, duration, *a):
+        durations.append(duration)
+        r = ex.RoundTrip(cpu, mode.name, mode.cs, SS16, lo, duration=duration)
+        r.verdict = "IDLE"
+        return r
+    monkeypatch.setattr(ex, "round_trip", fake_round)
+    monkeypatch.setattr(ex, "refuse_if_fred", lambda: None)
+    rounds = ex.exercise([_allowed()[0]], duration=0.25)
+    assert durations[:3] == [0.25, 1.0, 4.0]
+    assert all(r.verdict == ex.COULD_NOT_RUN and r.attempts == 3 for r in rounds)
+    assert "still idle after 3 attempts" in rounds[0].reasons[-1]
+
+
+def test_idle_then_running_round_is_ok(monkeypatch):
+    calls = []
+
+    def fake_round(page, pid, cpu, mode, lo, duration, *a):
+        calls.append(duration)
+        r = ex.RoundTrip(cpu, mode.name, mode.cs, SS16, lo, duration=duration)
+        r.verdict = "IDLE" if len(calls) == 1 else "ok"
+        return r
+    monkeypatch.setattr(ex, "round_trip", fake_round)
+    monkeypatch.setattr(ex, "refuse_if_fred", lambda: None)
+    rounds = ex.exercise([_allowed()[0]], duration=0.5)
+    assert rounds[0].verdict == "ok" and rounds[0].attempts == 2
+    assert "ran on attempt 2" in rounds[0].reasons[-1]
+    assert all(r.attempts == 1 for r in rounds[1:])
+
+
+def test_all_rounds_could_not_run_is_exit_2(monkeypatch, capsys):
+    from inspector.cli import main
+
+    def fake_exercise(cpus, duration, state, control):
+        return [ex.RoundTrip(c, "64-bit", USER_CS, SS16, 0, verdict=ex.COULD_NOT_RUN)
+                for c in cpus]
+    monkeypatch.setattr(ex, "exercise", fake_exercise)
+    assert main(["exercise", "--no-kcore", "--cpu", str(_allowed()[0])]) == 2
+    err = capsys.readouterr().err
+    assert "no exercise round could run" in err and err.count("\n") == 1
+
+
+def test_empty_cpu_selection_is_an_error(capsys):
+    from inspector.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["exercise", "--cpu", ""])
+    assert e.value.code == 2
+    assert "the CPU list is empty" in capsys.readouterr().err

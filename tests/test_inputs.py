@@ -289,3 +289,18 @@ def test_espfix_disabled_is_explained(write_kernel, fred, needle):
             load_state(target, HostFacts.from_dict({"fred": fred}))
     finally:
         target.close()
+
+
+def test_effective_capability_read_from_proc_status(tmp_path):
+    """The CAP_SYS_RAWIO diagnosis reads CapEff (proc(5)); a sandbox that dropped the
+    capability (seen on a real boot under systemd's PrivateDevices=yes) is named as such."""
+    from inspector.elfcore import CAP_SYS_RAWIO, _has_effective_cap
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n")
+    assert _has_effective_cap(CAP_SYS_RAWIO, str(status)) is True
+    status.write_text(f"CapEff:\t{(1 << 22) | (1 << 34):016x}\n")    # SYS_RAWIO off, SYSLOG on
+    assert _has_effective_cap(CAP_SYS_RAWIO, str(status)) is False
+    assert _has_effective_cap(34, str(status)) is True
+    status.write_text("CapEff:\tnot-hex\n")
+    assert _has_effective_cap(CAP_SYS_RAWIO, str(status)) is None
+    assert _has_effective_cap(CAP_SYS_RAWIO, str(tmp_path / "missing")) is None

@@ -11,12 +11,15 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parent.parent / "inspector"
 
 LEVEL = {
-    "errors": 0, "records": 0, "model": 0, "jsonfmt": 0,
+    "errors": 0, "records": 0, "model": 0, "jsonfmt": 0, "fileio": 0, "safetext": 0,
+    "vmcoreinfo": 0, "journal": 0,
     "elfcore": 1, "symbols": 1, "memory": 1, "target": 1, "hostfacts": 1, "elfwrite": 1, "ldt": 1,
     "pagetable": 2,
     "state": 3,
-    "audit": 4, "snapshot": 5, "exercise": 5, "watch": 5,
-    "report": 6, "prom": 6, "diff": 6,
+    "kdump": 1, "kallsyms_mem": 1, "dumptarget": 1, "crash": 3,
+    "hotplug": 1, "watch_config": 1,
+    "audit": 4, "snapshot": 5, "exercise": 5, "watch": 5, "watch_events": 5, "watch_diff": 5,
+    "report": 6, "prom": 6, "diff": 6, "trace_summary": 6, "trace_output": 6,
     "cli": 7, "trace_cli": 7, "watch_cli": 7, "__main__": 8, "__init__": 0,
 }
 

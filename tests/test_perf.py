@@ -292,9 +292,9 @@ def test_live_read_stops_at_the_first_module_line(tmp_path):
     text = kernel().symbol_text()
     modules = "".join(f"ffffffffc0{i:06x} t mod_sym_{i}\t[mod]\n" for i in range(2000))
     data = (text + modules).encode()
-    got = symbols.read_own_lines(io.BytesIO(data), chunk=len(text) + 100)
+    got = symbols.read_own_lines(io.BytesIO(data), "kallsyms", chunk=len(text) + 100)
     assert got == data[:len(text) + 100]                 # one chunk, then the modules
-    assert symbols.read_own_lines(io.BytesIO(text.encode()), chunk=999) == text.encode()
+    assert symbols.read_own_lines(io.BytesIO(text.encode()), "kallsyms", chunk=999) == text.encode()
     path = tmp_path / "kallsyms"
     path.write_bytes(data)
     names = ["_text", "init_top_pgt", "espfix_stack", "mod_sym_5"]

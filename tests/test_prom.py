@@ -17,7 +17,8 @@ import pytest
 from inspector.cli import main
 from inspector.model import parse_cpu_list
 from inspector.prom import CHECK_NAMES, METRICS, TEXTFILE_NAME, render, write_textfile
-from inspector.watch import RoundResult, Watcher, WatchConfig
+from inspector.watch import RoundResult, Watcher
+from inspector.watch_config import WatchConfig
 from tests.conftest import ROOT, kernel
 from tests.faults import BY_NAME
 
@@ -162,7 +163,7 @@ def test_label_values_are_escaped():
 
 
 def test_write_is_atomic_and_leaves_nothing(tmp_path, monkeypatch):
-    import inspector.elfwrite as ew
+    import inspector.fileio as ew
     path = write_textfile(str(tmp_path), "espfix_inspect_up 1\n")
     assert path == str(tmp_path / TEXTFILE_NAME)
     assert os.stat(path).st_mode & 0o777 == 0o644
@@ -179,7 +180,7 @@ def test_write_is_atomic_and_leaves_nothing(tmp_path, monkeypatch):
 
 def test_temp_names_are_skipped_by_the_collector(tmp_path, monkeypatch):
     """node_exporter reads only *.prom: the temporary file must not match while written."""
-    import inspector.elfwrite as ew
+    import inspector.fileio as ew
     seen = []
     real = ew.os.replace
 

@@ -33,7 +33,7 @@ def test_snapshot_gives_the_same_findings(capsys, write_kernel, tmp_path):
 
 
 def test_snapshot_write_is_atomic(capsys, write_kernel, tmp_path, monkeypatch):
-    import inspector.elfwrite as ew
+    import inspector.fileio as ew
     core, syms = write_kernel(kernel())
     out = tmp_path / "snap.core"
     out.write_bytes(b"previous")

@@ -139,3 +139,138 @@ def test_return_sources_limit_the_plan(syms, monkeypatch):
 def test_unknown_return_source_refused(capsys):
     assert main(["trace", "--return-sources", "nmi_exit", "1"]) == 2
     assert "unknown return source 'nmi_exit'" in capsys.readouterr().err
+
+
+# ------------------------------------------------- espfix_init_mutex and the summary
+
+@pytest.fixture
+def mutex_syms():
+    """The `syms` kernel plus espfix_init_mutex (a static: kallsyms shows it with
+    CONFIG_KALLSYMS_ALL, type d, as on Debian's 6.1)."""
+    from inspector.symbols import parse_symbol_text
+    return parse_symbol_text(SynthKernel(SynthSpec()).symbol_text() +
+                             "ffffffff81a00000 D init_task\n0000000000031000 A __irq_regs\n"
+                             "ffffffff8422e4e0 d espfix_init_mutex\n", "kallsyms", "kallsyms")
+
+
+def test_lock_plan_needs_the_tracepoints_and_the_symbol(syms, mutex_syms, monkeypatch):
+    monkeypatch.setattr(tr, "_fred_active", lambda: False)
+    plan = tr.make_plan(FakeBPF(), mutex_syms, {"init", "lock"})
+    assert plan.init and plan.lock and plan.lock_why is None and plan.missing == []
+    text, flags = tr.program_text(plan, mutex_syms, None)
+    assert "-DWANT_LOCK" in flags and "-DESPFIX_INIT_MUTEX=0xffffffff8422e4e0ULL" in flags
+    assert "TRACEPOINT_PROBE(lock, contention_begin)" in text
+    old = FakeBPF(tracepoints={"syscalls:sys_enter_modify_ldt"})       # before v5.19
+    plan = tr.make_plan(old, mutex_syms, {"init", "lock"})
+    assert plan.init and not plan.lock and "v5.19" in plan.lock_why
+    assert plan.missing == [f"espfix_init_mutex waits: {plan.lock_why}"]
+    plan = tr.make_plan(FakeBPF(), syms, {"init", "lock"})             # no KALLSYMS_ALL
+    assert not plan.lock and "not in kallsyms" in plan.lock_why
+    plan = tr.make_plan(FakeBPF(), mutex_syms, {"init"})               # --no-lock
+    assert not plan.lock and "--no-lock" in plan.lock_why
+    assert "-DWANT_LOCK" not in tr.program_text(plan, mutex_syms, None)[1]
+
+
+def test_init_event_carries_the_mutex_and_its_wait():
+    e = ev()
+    e.lock_wait_ns, e.lock_contended = 1234, 1
+    s = tr.init_summary(e)
+    assert s["mutex"] is True and s["lock_wait_ns"] == 1234 and s["lock_contended"] == 1
+    assert s["latency_ns"] == 153_400
+    shared = (0, 0xFF11000001000000, 0x8000000001234063, 0x8000000004321063)
+    assert tr.init_summary(ev(before=shared))["mutex"] is False   # page there: no mutex
+
+
+class FakeSession:
+    """Stands in for tr.TraceSession: two init_espfix_ap calls and one modify_ldt."""
+    def __init__(self, plan, syms, pid=None):
+        import time
+        now = time.monotonic_ns()
+        e1, e2 = ev(target=64), ev(before=(0xFFFFFF0000001000,) * 4, target=65)
+        e1.ts_ns, e2.ts_ns = now, now + 10**6
+        e1.before.page = 0                          # first of cpus 64-127: a stack page
+        e1.before.pud, e1.before.pmd = e1.after.pud, e1.after.pmd   # group 0 has its tables
+        e2.before.pud, e2.before.pmd = e1.after.pud, e1.after.pmd
+        e2.after.stack, e2.after.page = 0xFFFFFF0000001040, e1.after.page
+        e2.after.pud, e2.after.pmd = e1.after.pud, e1.after.pmd
+        e2.before.stack = e2.after.stack           # an early return
+        self.pending = [tr.init_summary(e1), tr.init_summary(e2),
+                        {"type": "ldt", "ts_ns": now, "pid": 1, "comm": "x", "func": 1,
+                         "ret": 0}]
+
+    def ldt_holders(self):
+        return [], 0, False
+
+    def poll(self, timeout_ms):
+        out, self.pending = self.pending, []
+        return out
+
+    def returns(self):
+        return [], 0, 0
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake_trace(mutex_syms, monkeypatch):
+    import signal
+
+    from inspector import trace_cli
+    monkeypatch.setattr(tr, "_fred_active", lambda: False)
+    monkeypatch.setattr(tr, "preflight", lambda: None)
+    monkeypatch.setattr(tr, "import_bcc", lambda: FakeBPF())
+    monkeypatch.setattr(tr, "kernel_symbols", lambda: mutex_syms)
+    monkeypatch.setattr(tr, "TraceSession", FakeSession)
+    monkeypatch.setattr(trace_cli.LiveVerifier, "initialised",
+                        lambda self: ({0, 1}, "test state"))
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGINT, saved[0])
+    signal.signal(signal.SIGTERM, saved[1])
+
+
+def test_summary_alone_in_json(fake_trace, capsys):
+    import json
+    assert main(["trace", "--json", "--summary", "--no-verify", "--no-returns", "0.2"]) == 0
+    docs = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert [d["type"] for d in docs] == ["start", "summary", "end"]
+    s = docs[1]
+    assert (s["calls"], s["set_up"], s["early_return"]) == (2, 1, 1)
+    assert s["allocations"]["stack page"]["cpus"] == [64] and s["match"] is True
+    assert s["initialised_before"] == "0-1" and s["before_source"] == "test state"
+    assert s["espfix_init_mutex"] == {"measured": True, "why": None, "taken": 1,
+                                      "contended": 0, "wait_ns": 0, "max_wait_ns": 0,
+                                      "waiters": []}
+
+
+def test_events_then_summary_in_text(fake_trace, capsys):
+    assert main(["trace", "--no-verify", "--no-returns", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  INIT   ") == 2 and "  LDT    " in out
+    assert out.index("INIT") < out.index("init_espfix_ap: 2 calls, 1 set up, 1 early return\n")
+    assert "allocations match layout's prediction" in out
+
+
+def test_summary_text_has_no_event_lines(fake_trace, capsys):
+    assert main(["trace", "--summary", "--no-verify", "--no-returns", "--no-lock", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "  INIT   " not in out and "  LDT    " not in out and "TIME(s)" not in out
+    assert "wait not measured: not asked for (--no-lock)" in " ".join(out.split())
+    assert "stack page        1         1  64" in out
+
+
+def test_before_state_falls_back_to_the_online_cpus(monkeypatch):
+    """No usable /proc/kcore: the online CPUs, which all have a ministack, and the
+    reason in the source text."""
+    from inspector import target, trace_cli
+    from inspector.errors import InspectError
+    from inspector.model import parse_cpu_list
+
+    def refuse(*_a):
+        raise InspectError("/proc/kcore does not exist", "run in a VM")
+    monkeypatch.setattr(target, "open_target", refuse)
+    cpus, source = trace_cli.LiveVerifier().initialised()
+    with open("/sys/devices/system/cpu/online") as f:
+        assert cpus == set(parse_cpu_list(f.read()))
+    assert source == "the online CPUs; /proc/kcore unusable: /proc/kcore does not exist"

@@ -21,8 +21,10 @@ import pytest
 
 from inspector.cli import main
 from inspector.errors import InspectError
-from inspector.watch import (CpuEvent, SysfsPollSource, UeventSource, Watcher, WatchConfig,
-                             build_config, event_text, parse_uevent, read_config)
+from inspector.hotplug import CpuEvent, SysfsPollSource, UeventSource, parse_uevent
+from inspector.watch import Watcher
+from inspector.watch_config import WatchConfig, build_config, read_config
+from inspector.watch_events import Event, event_json, event_text
 from tests.conftest import ROOT, kernel
 from tests.faults import BY_NAME
 from tests.jsonproc import JsonLinesProc
@@ -53,8 +55,8 @@ class Sink:
     def __init__(self) -> None:
         self.events: list[dict] = []
 
-    def __call__(self, ev: dict) -> None:
-        self.events.append(ev)
+    def __call__(self, ev: Event) -> None:
+        self.events.append(event_json(ev))
         event_text(ev)                  # every event renders
 
     def of(self, kind: str) -> list[dict]:
@@ -413,13 +415,17 @@ def unit(name: str) -> dict[str, list[str]]:
 def test_unit_files_say_what_the_issue_asks():
     v = unit("espfix-inspect-validate.service")
     assert v["Type"] == ["oneshot"] and v["RemainAfterExit"] == ["yes"]
-    assert v["ExecStart"][0].split()[1:] == ["validate"]
-    assert "multi-user.target" in v["After"][0] and v["WantedBy"] == ["multi-user.target"]
+    assert v["ExecStart"][0].split() == ["/usr/bin/espfix-inspect", "validate"]
+    # boot assessment (systemd.special(7)): a failed validation fails boot-complete.target
+    assert v["Before"] == ["boot-complete.target"]
+    assert v["RequiredBy"] == ["boot-complete.target"] and v["WantedBy"] == ["multi-user.target"]
+    assert "After" not in v          # as early as the basic system allows, not after multi-user
     w = unit("espfix-inspect-watch.service")
-    assert w["ExecStart"][0].split()[1:3] == ["watch", "--config"]
+    assert w["ExecStart"][0].split()[:3] == ["/usr/bin/espfix-inspect", "watch", "--config"]
     assert w["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert w["Restart"] == ["on-failure"] and w["RestartPreventExitStatus"] == ["2"]
     assert "AF_NETLINK" in w["RestrictAddressFamilies"][0]
-    assert "PrivateNetwork" not in w                 # uevents only reach the host netns
+    assert w.get("PrivateNetwork", ["no"]) == ["no"]  # uevents only reach the host netns
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
@@ -430,7 +436,9 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
         pytest.skip("espfix-inspect is not installed (pip install -e .)")
     for name in os.listdir(UNITS):
         text = open(os.path.join(UNITS, name)).read()
-        (tmp_path / name).write_text(text.replace("/usr/local/bin/espfix-inspect", exe))
+        (tmp_path / name).write_text(text.replace("/usr/bin/espfix-inspect", exe))
+    # Documentation=man:espfix-inspect-*(8) must resolve: the pages in man/ (test_man.py)
+    env = dict(os.environ, MANPATH=os.path.join(ROOT, "man") + ":")
     proc = subprocess.run(["systemd-analyze", "verify", *map(str, tmp_path.iterdir())],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr

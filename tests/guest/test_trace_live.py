@@ -186,3 +186,42 @@ def test_duration_ends_cleanly_and_detaches():
     events = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
     assert events[0]["type"] == "start" and of(events, "end")[-1]["reason"] == "duration"
     assert kprobes_left() == ""
+
+
+def test_summary_agrees_with_the_events(session):
+    """The summary at the end of the same trace: counts, who ran what, and the layout
+    prediction (a CPU brought up for the first time in cpus 0-63 allocates nothing)."""
+    inits = of(session["events"], "init")
+    s = of(session["events"], "summary")[-1]
+    assert (s["calls"], s["set_up"], s["early_return"]) == (
+        len(inits), sum(e["outcome"] == "set up" for e in inits),
+        sum(e["outcome"].startswith("early return") for e in inits))
+    assert s["match"] and s["differences"] == [], s
+    assert sorted(c for row in s["control_cpus"] for c in cpulist(row["targets"])) == \
+        sorted(e["target_cpu"] for e in inits)
+    assert s["latency_ns"]["max"] == max(e["latency_ns"] for e in inits)
+    assert sum(b["count"] for b in s["histogram"]["data"]) == len(inits)
+    # Debian's 6.1, 6.12 and 7.x kernels have lock:contention_* (v5.19+) and, with
+    # CONFIG_KALLSYMS_ALL, espfix_init_mutex in kallsyms
+    assert s["espfix_init_mutex"]["measured"], s["espfix_init_mutex"]
+
+
+def test_histogram_text_is_bccs_own():
+    """The summary's histogram renderer against bcc's own print_log2_hist."""
+    import contextlib
+    import inspect
+    import io
+    import random
+
+    from bcc import table
+
+    from inspector.trace_summary import format_log2_hist, log2_hist
+    rng = random.Random(15)
+    for values in ([0], [1, 2, 3, 900], [rng.getrandbits(rng.randrange(1, 30)) for _ in range(500)],
+                   [2**40, 5]):
+        vals = log2_hist(values)
+        buf = io.StringIO()
+        extra = [None] if len(inspect.signature(table._print_log2_hist).parameters) > 2 else []
+        with contextlib.redirect_stdout(buf):
+            table._print_log2_hist(vals, "usecs", *extra)
+        assert format_log2_hist(vals, "usecs") == buf.getvalue().splitlines(), values

@@ -190,7 +190,7 @@ def as_run(name: str, replace_config: str | None = None) -> list[str]:
     """The unit's ExecStart as this guest can run it, under its bounding set and no_new_privs."""
     u = unit_lines(name)
     argv = u["ExecStart"].split()
-    assert argv[0] == "/usr/local/bin/espfix-inspect"
+    assert argv[0] == "/usr/bin/espfix-inspect"
     args = argv[1:]
     if replace_config is not None:
         args = [replace_config if a.startswith("/etc/espfix-inspect/") else a for a in args]

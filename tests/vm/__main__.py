@@ -1,4 +1,4 @@
-"""CLI: python3 -m tests.vm {list,build,run,observe,pins,ensure-tools}  (see README.md)."""
+"""CLI: python3 -m tests.vm {list,build,run,observe,pins,ensure-tools,oldest}  (see README.md)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .hostenv import HostError, ensure_host_tools
 from .image import build, image_for
-from .kernels import KERNELS, VARIANTS, MatrixError, get_variant, matrix
+from .kernels import KERNELS, SLOW_VARIANTS, VARIANTS, MatrixError, get_variant, matrix
 from .run import VMError, run_in_vm
 
 OBSERVED = Path(__file__).resolve().with_name("observed")
@@ -24,6 +24,9 @@ def _cmd_list(_: argparse.Namespace) -> int:
             print(f"  {name}:{v.name:9} {' '.join(v.qemu_args)}"
                   f"{'  cmdline: ' + ' '.join(v.cmdline) if v.cmdline else ''}"
                   f"  ({v.description})")
+        for v in SLOW_VARIANTS.get(name, {}).values():
+            print(f"  {name}:{v.name:9} {' '.join(v.qemu_args)}  cmdline: {' '.join(v.cmdline)}"
+                  f"  ({v.description}; slow: only when named in ESPFIX_VM_ROWS)")
     return 0
 
 
@@ -45,9 +48,13 @@ def _command_text(words: list[str]) -> str:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    get_variant(a.kernel, a.variant)
+    v = get_variant(a.kernel, a.variant)
+    deb = None
+    if v.init == "systemd":
+        from .deb import vm_deb
+        deb = Path(a.deb).resolve() if a.deb else vm_deb()
     res = run_in_vm(a.kernel, a.variant, _command_text(a.command), a.timeout,
-                    keep_share=a.keep or None)
+                    keep_share=a.keep or None, deb=deb)
     sys.stdout.write(res.stdout)
     sys.stdout.flush()
     sys.stderr.write(res.stderr)
@@ -89,11 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--variant", required=True)
     r.add_argument("--keep", action="store_true", help="keep the share dir for debugging")
     r.add_argument("--serial", action="store_true", help="also print the serial log")
+    r.add_argument("--deb", metavar="FILE", help="systemd variants: the .deb to install "
+                   "(default: $ESPFIX_VM_DEB, else built with .ci/deb)")
     r.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- then the command (one word = shell snippet)")
     o.add_argument("--variant", help="default: every variant of the kernel")
     sub.add_parser("pins", help="show pinned vs current kernel ABIs in the archive")
     sub.add_parser("ensure-tools", help="apt-get install qemu-system-x86, debootstrap")
+    old = sub.add_parser("oldest", help="run the host suite under the oldest claimed Python "
+                         "(Debian bullseye's 3.9, in a cached chroot)")
+    old.add_argument("--build-only", action="store_true", help="only build or reuse the chroot")
+    old.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                     help="-- then extra pytest arguments")
     a = p.parse_args(argv)
 
     # SIGTERM -> SystemExit so that finally blocks kill qemu and unmount chroots.
@@ -107,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(a)
         if a.cmd == "observe":
             return _cmd_observe(a)
+        if a.cmd == "oldest":
+            from . import oldest
+            if a.build_only:
+                print(oldest.build())
+                return 0
+            extra = a.pytest_args[1:] if a.pytest_args[:1] == ["--"] else a.pytest_args
+            return oldest.run_suite(extra)
         if a.cmd == "pins":
             from .pins import main as pins_main
             return pins_main()

@@ -58,6 +58,12 @@ set +a
 export PATH=/tmp/bin:$PATH HOME=/root PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
        LANG=C.UTF-8 ESPFIX_VM_OUT=$OUT
 
+# Variants with systemd as PID 1 (kernels.py, init="systemd"): install the .deb and
+# exec systemd; a unit runs the command after boot (tests/vm/guest-systemd.sh).
+if [ "${ESPFIX_VM_INIT:-script}" = systemd ]; then
+    exec /bin/sh $SHARE/guest-systemd.sh
+fi
+
 read -r t_cmd _ </proc/uptime
 say "running command at uptime ${t_cmd}s"
 cd $PROJECT && /bin/sh $SHARE/cmd.sh >$OUT/stdout 2>$OUT/stderr </dev/null
