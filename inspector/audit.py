@@ -13,18 +13,21 @@ online, remote-node ministacks).  Errors and warnings are findings (exit 1).
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from itertools import repeat
 
 from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
                     ESPFIX_PTE_CLONES, ESPFIX_PUD_CLONES, ESPFIX_STACKS_PER_PAGE,
-                    PTE_STRIDE, Randomness, espfix_base_addr, format_cpu_list,
+                    PTE_STRIDE, Randomness, espfix_base_addrs, format_cpu_list,
                     group_pud_index, invert_espfix_stack, pte_slots, pud_slots)
 from .pagetable import (FLAGS_MASK, PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_NX,
                         PAGE_PRESENT, PAGE_RW, PAGE_USER, decode_flags)
 from .errors import PageFiltered
-from .state import EspfixState
+from .records import dataclass, field
+from .state import DIRECT_MAP_SIZE, EspfixState
+from .symbols import MASK64
 
 __all__ = ["Finding", "AuditResult", "audit", "CHECKS", "SEVERITIES",
            "expected_table_flags", "expected_pte_flags"]
@@ -80,11 +83,25 @@ class Context:
     initialised: list[int] = field(default_factory=list)   # CPUs with an espfix_stack
     used_pages: set[int] = field(default_factory=set)      # espfix_pages indices in use
     used_groups: set[int] = field(default_factory=set)     # 1024-CPU groups in use
+    # espfix_stack and espfix_waddr of each CPU in `initialised`, in the same order
+    stacks: list[int] = field(default_factory=list)
+    waddrs: list[int] = field(default_factory=list)
+    _expected: dict[Randomness, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.initialised = [c for c, st in self.state.cpus.items() if st.initialised]
+        init = [st for st in self.state.cpus.values() if st.espfix_stack]
+        self.initialised = [st.cpu for st in init]
+        self.stacks = [st.espfix_stack for st in init]
+        self.waddrs = [st.espfix_waddr for st in init]
         self.used_pages = {c // ESPFIX_STACKS_PER_PAGE for c in self.initialised}
         self.used_groups = {p // PTE_STRIDE for p in self.used_pages}
+
+    def expected_stacks(self, rnd: Randomness) -> list[int]:
+        """``espfix_base_addr(cpu)`` under *rnd* for every CPU in ``initialised``."""
+        if rnd not in self._expected:
+            self._expected[rnd] = espfix_base_addrs(self.initialised, rnd.page_random,
+                                                    rnd.slot_random)
+        return self._expected[rnd]
 
     @property
     def ptemask(self) -> int:
@@ -208,13 +225,15 @@ def check_randomness(ctx: Context) -> Iterable[Finding]:
     """``page_random``/``slot_random``: read from the statics when the
     symbols show them, else inferred from the CPUs (majority)."""
     st = ctx.state
-    votes: Counter = Counter()
-    for cpu in _initialised(ctx):
-        try:
-            votes[invert_espfix_stack(cpu, st.cpus[cpu].espfix_stack)] += 1
-        except ValueError:
-            continue
-    inferred = Randomness(*votes.most_common(1)[0][0]) if votes else None
+    inferred = _uniform_randomness(ctx)
+    if inferred is None:
+        votes: Counter = Counter()
+        for cpu in _initialised(ctx):
+            try:
+                votes[invert_espfix_stack(cpu, st.cpus[cpu].espfix_stack)] += 1
+            except ValueError:
+                continue
+        inferred = Randomness(*votes.most_common(1)[0][0]) if votes else None
     info = st.info
     if info.page_random is not None and info.slot_random is not None:
         try:
@@ -234,15 +253,38 @@ def check_randomness(ctx: Context) -> Iterable[Finding]:
     ctx.rnd, ctx.rnd_source = inferred, "inferred"
 
 
+def _uniform_randomness(ctx: Context) -> Randomness | None:
+    """The randomness that *every* initialised CPU's ``espfix_stack`` follows, tried
+    for the statics and for what the first CPU implies; None when the CPUs disagree
+    (then each CPU votes).  When all follow one, every CPU's inversion gives it, so the
+    vote would too: this is the vote without 131,072 inversions."""
+    if not ctx.initialised:
+        return None
+    info = ctx.state.info
+    candidates = []
+    try:
+        candidates.append(Randomness(info.page_random, info.slot_random))
+    except (TypeError, ValueError):
+        pass
+    try:
+        candidates.append(Randomness(*invert_espfix_stack(ctx.initialised[0], ctx.stacks[0])))
+    except ValueError:
+        pass
+    for rnd in candidates:
+        if ctx.expected_stacks(rnd) == ctx.stacks:
+            return rnd
+    return None
+
+
 @check("espfix_stack")
 def check_espfix_stack(ctx: Context) -> Iterable[Finding]:
     """``per_cpu(espfix_stack, cpu) == espfix_base_addr(cpu)``."""
     if ctx.rnd is None:
         return
-    pr, sr = ctx.rnd.page_random, ctx.rnd.slot_random
-    for cpu in _initialised(ctx):
-        actual = ctx.state.cpus[cpu].espfix_stack
-        expected = espfix_base_addr(cpu, pr, sr)
+    expected_all = ctx.expected_stacks(ctx.rnd)
+    if expected_all == ctx.stacks:
+        return
+    for cpu, actual, expected in zip(ctx.initialised, ctx.stacks, expected_all):
         if actual != expected:
             yield Finding("espfix_stack", "error", f"espfix_stack is {actual:#x}, the kernel's "
                           f"formula gives {expected:#x}", cpu,
@@ -294,19 +336,18 @@ def _stack_pages_in_use(ctx: Context) -> dict[int, int]:
 @check("espfix_waddr")
 def check_espfix_waddr(ctx: Context) -> Iterable[Finding]:
     """``espfix_waddr = espfix_pages[n/64] + (espfix_stack & ~PAGE_MASK)``."""
-    st = ctx.state
-    for cpu in _initialised(ctx):
-        c = st.cpus[cpu]
+    pages = ctx.state.espfix_pages
+    for cpu, stack, waddr in zip(ctx.initialised, ctx.stacks, ctx.waddrs):
         idx = cpu // ESPFIX_STACKS_PER_PAGE
-        page_va = st.espfix_pages[idx] if idx < len(st.espfix_pages) else 0
-        expected = page_va + (c.espfix_stack & 0xFFF)
+        page_va = pages[idx] if idx < len(pages) else 0
+        expected = page_va + (stack & 0xFFF)
         if not page_va:
             continue                                    # reported by espfix_pages
-        if c.espfix_waddr != expected:
-            yield Finding("espfix_waddr", "error", f"espfix_waddr is {c.espfix_waddr:#x}, "
-                          f"expected espfix_pages[{idx}] + {c.espfix_stack & 0xFFF:#x} = "
+        if waddr != expected:
+            yield Finding("espfix_waddr", "error", f"espfix_waddr is {waddr:#x}, "
+                          f"expected espfix_pages[{idx}] + {stack & 0xFFF:#x} = "
                           f"{expected:#x}", cpu,
-                          {"actual": f"{c.espfix_waddr:#x}", "expected": f"{expected:#x}"})
+                          {"actual": f"{waddr:#x}", "expected": f"{expected:#x}"})
 
 
 @check("top_entry")
@@ -470,19 +511,31 @@ def check_walk(ctx: Context) -> Iterable[Finding]:
     """The walk of ``espfix_stack`` from init_top_pgt (and from the PTI user
     PGD) reaches the physical page behind ``espfix_waddr``."""
     st = ctx.state
-    for cpu in _initialised(ctx):
-        c = st.cpus[cpu]
-        want = st.direct_map_pa(c.espfix_waddr)
-        roots = [False, True] if st.info.pti else [False]
+    roots = [False, True] if st.info.pti else [False]
+    bases = [stack & ~0xFFF for stack in ctx.stacks]
+    # per stack page: its 64 CPUs share a walk (made in the order the loop below would)
+    walks = {(base, user): st.walk(base, user) for base in dict.fromkeys(bases) for user in roots}
+    if bases and all(w.phys is not None for w in walks.values()):
+        pob = st.info.page_offset_base
+        offsets = [(waddr - pob) & MASK64 for waddr in ctx.waddrs]    # direct_map_pa()
+        if max(offsets) < DIRECT_MAP_SIZE[st.info.levels]:
+            want = list(map(operator.rshift, offsets, repeat(12)))
+            if all(list(map({b: w.phys >> 12 for (b, u), w in walks.items()    # type: ignore
+                             if u == user}.__getitem__, bases)) == want for user in roots):
+                return              # every CPU reaches its espfix_waddr page: no finding
+    for cpu, stack, waddr in zip(ctx.initialised, ctx.stacks, ctx.waddrs):
+        want = st.direct_map_pa(waddr)
         for user in roots:
-            w = st.walk(c.espfix_stack, user)
-            name = "pti_walk" if user else "walk"
-            tables = "PTI user page tables" if user else "init_top_pgt"
+            w = walks.get((stack & ~0xFFF, user))
+            if w is None:
+                w = walks[stack & ~0xFFF, user] = st.walk(stack, user)
             if w.phys is None:
-                yield Finding(name, "error", f"{c.espfix_stack:#x} is not mapped in {tables}: "
+                name, tables = ("pti_walk", "PTI user page tables") if user else ("walk", "init_top_pgt")
+                yield Finding(name, "error", f"{stack:#x} is not mapped in {tables}: "
                               f"{w.fault}", cpu)
             elif want is not None and w.phys >> 12 != want >> 12:
-                yield Finding(name, "error", f"{c.espfix_stack:#x} maps physical "
+                name, tables = ("pti_walk", "PTI user page tables") if user else ("walk", "init_top_pgt")
+                yield Finding(name, "error", f"{stack:#x} maps physical "
                               f"{w.phys & ~0xFFF:#x} through {tables}, espfix_waddr's page is "
                               f"{want & ~0xFFF:#x}", cpu)
 

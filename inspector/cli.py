@@ -10,8 +10,7 @@ import argparse
 import os
 import signal
 import sys
-import traceback
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
@@ -39,6 +38,33 @@ EXAMPLES = """examples:
 
 exit status: 0 all good, 1 findings (errors or warnings), 2 could not inspect
 """
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's RawDescriptionHelpFormatter, with the width ``shutil.get_terminal_size()``
+    would give (``$COLUMNS``, else the terminal's, else 80) found without importing
+    shutil: argparse makes a formatter in every ``add_argument`` and its default one
+    imports shutil, 25-180 ms of a live ``validate --json`` under TCG (README,
+    Performance) that never prints help."""
+
+    def __init__(self, prog: str, *args, **kwargs) -> None:
+        if len(args) < 3 and kwargs.get("width") is None:
+            kwargs["width"] = terminal_columns() - 2
+        super().__init__(prog, *args, **kwargs)
+
+
+def terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, the same way (Lib/shutil.py)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 def _cpu_list(text: str) -> list[int]:
@@ -80,7 +106,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, formatter_class=HelpFormatter,
         description="Inspect the Linux x86-64 espfix64 ministacks: expected layout, live "
                     "state from /proc/kcore or a saved core, and the difference.",
         epilog=EXAMPLES)
@@ -91,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("layout", help="the expected layout from the kernel's formula",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        epilog="examples:\n    espfix-inspect layout --cpus 4 --page-random 687 "
                               "--slot-random 13\n    espfix-inspect layout --cpu-list 0-3,64 "
                               "--levels 4 --json\n")
@@ -107,21 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("validate", help="check the live state against the kernel's rules",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        epilog="examples:\n    espfix-inspect validate\n    espfix-inspect "
                               "validate --core vmcore --symbols vmlinux --json\n")
     _source_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="always print the CPU table")
 
     p = sub.add_parser("stacks", help="each CPU's ministack and the IRET frame it holds",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        epilog="examples:\n    espfix-inspect stacks\n    espfix-inspect stacks "
                               "--cpu 1 --json\n")
     _source_args(p)
     p.add_argument("--cpu", type=_cpu_list, metavar="LIST", help="only these CPUs")
 
     p = sub.add_parser("snapshot", help="save what the inspector reads as a small ELF core",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        epilog="examples:\n    espfix-inspect snapshot -o espfix.core\n"
                               "    espfix-inspect validate --core espfix.core\n")
     _source_args(p)
@@ -129,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exercise", help="run the 16-bit-SS return path on each CPU (ptrace + "
                        "modify_ldt) and check nothing leaks",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        epilog="examples:\n    espfix-inspect exercise\n    espfix-inspect "
                               "exercise --cpu 0,2 --duration 1\n    espfix-inspect exercise "
                               "--no-kcore --json      # round trips only\n\nexit status: 0 "
@@ -172,18 +198,18 @@ def _randomness(args: argparse.Namespace) -> Randomness:
 
 
 def cmd_layout(args: argparse.Namespace) -> int:
-    from .report import dumps, layout_json, layout_text
+    from .report import layout_text, write_layout_json
     cpus = args.cpu_list if args.cpu_list is not None else list(range(args.cpus or 4))
     if not cpus:
         raise InspectError("the CPU list is empty", "give --cpus N or a non-empty --cpu-list")
     rnd = _randomness(args)
+    if args.json:
+        write_layout_json(sys.stdout, cpus, rnd, args.levels)
+        return EXIT_OK
     layouts = [cpu_layout(c, rnd, args.levels) for c in cpus]
     groups = group_layouts(cpus, rnd)
     cost = memory_cost(cpus)
-    if args.json:
-        print_out(dumps(layout_json(layouts, groups, cost, rnd, args.levels)))
-    else:
-        print_out(layout_text(layouts, groups, cost, rnd, args.levels, not args.summary))
+    print_out(layout_text(layouts, groups, cost, rnd, args.levels, not args.summary))
     return EXIT_OK
 
 
@@ -200,12 +226,12 @@ def _open(args: argparse.Namespace):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .audit import audit
-    from .report import dumps, validate_json, validate_text
+    from .report import validate_text, write_validate_json
     target, state = _open(args)
     with target.core:
         result = audit(state)
         if args.json:
-            print_out(dumps(validate_json(state, result)))
+            write_validate_json(sys.stdout, state, result)     # ASCII JSON: nothing to escape
         else:
             print_out(validate_text(state, result, args.verbose,
                                     journal=stream_is_journal(1)))
@@ -213,7 +239,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_stacks(args: argparse.Namespace) -> int:
-    from .report import dumps, stacks_json, stacks_text
+    from .report import stacks_text, write_stacks_json
     target, state = _open(args)
     with target.core:
         cpus = list(state.cpus) if args.cpu is None else args.cpu
@@ -222,7 +248,10 @@ def cmd_stacks(args: argparse.Namespace) -> int:
             raise InspectError(f"CPU {missing[0]} is not possible on this kernel "
                                f"(possible: {len(state.cpus)} CPUs)", "pick CPUs from --cpu 0-"
                                f"{max(state.cpus)}")
-        print_out(dumps(stacks_json(state, cpus)) if args.json else stacks_text(state, cpus))
+        if args.json:
+            write_stacks_json(sys.stdout, state, cpus)
+        else:
+            print_out(stacks_text(state, cpus))
     return EXIT_OK
 
 
@@ -330,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANNOT_INSPECT
     except Exception as e:  # a bug, or input no check anticipated
         if debug:
+            import traceback            # only here: it imports _colorize (and dataclasses on 3.14)
             traceback.print_exc()
         print_out(f"{PROG}: internal error: {type(e).__name__}: {e} (rerun with --debug and "
                   f"report it)", err=True)

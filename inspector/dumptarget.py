@@ -17,7 +17,6 @@ Memory comes from :mod:`inspector.kdump`.  Symbols, in order:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from .errors import InspectError
 from .kallsyms_mem import decode_kallsyms
@@ -34,10 +33,13 @@ __all__ = ["DumpTarget", "open_dump_target", "MIN_RELOCATION_WITNESSES"]
 MIN_RELOCATION_WITNESSES = 4
 
 
-@dataclass
 class DumpTarget(Target):
-    """A target read from a crash dump (never live)."""
-    notes: list[str] = field(default_factory=list)
+    """A target read from a crash dump (never live), with what opening it noted."""
+
+    def __init__(self, core: DumpCore, mem: MemorySource, symbols: SymbolTable,
+                 vmcoreinfo: VmcoreInfo, notes: list[str] | None = None) -> None:
+        super().__init__(core, mem, symbols, vmcoreinfo, False, {})   # type: ignore[arg-type]
+        self.notes: list[str] = list(notes or [])
 
     @property
     def dump(self) -> DumpCore:
@@ -142,7 +144,7 @@ def open_dump_target(path: str, symbols_path: str | None = None, wrap=None) -> D
             notes.append(f"symbols: {getattr(decoded, 'kallsyms_count', len(decoded.addresses))}"
                          f" decoded from the kernel's kallsyms tables in the dump "
                          f"({getattr(decoded, 'kallsyms_form', '?')} addresses)")
-        return DumpTarget(core, mem, syms, core.vmcoreinfo, False, {}, notes)  # type: ignore[arg-type]
+        return DumpTarget(core, mem, syms, core.vmcoreinfo, notes)
     except BaseException:
         core.close()
         raise

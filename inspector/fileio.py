@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator
+
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import BinaryIO
 
 from .errors import InspectError
 
@@ -115,6 +118,7 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
     """
     _refuse_non_regular_target(path)
     directory = os.path.dirname(os.path.abspath(path)) or "."
+    import tempfile                 # writers only: a read-only run never imports it
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     umask = os.umask(0)
     os.umask(umask)

@@ -9,13 +9,12 @@ use (the ``fred`` flag in /proc/cpuinfo, set only when the kernel enabled it).
 
 from __future__ import annotations
 
-import glob
 import os
 import re
-from dataclasses import asdict, dataclass, field
 
 from .errors import InspectError
 from .model import ESPFIX_MAX_CPUS, parse_cpu_list
+from .records import asdict, dataclass, field
 
 __all__ = ["HostFacts", "read_host_facts"]
 
@@ -123,6 +122,18 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _numbered(directory: str, prefix: str) -> list[str]:
+    """``glob.glob(f"{directory}/{prefix}[0-9]*")`` with os.listdir (glob and fnmatch
+    are not imported for this one pattern; README, Performance)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    n = len(prefix)
+    return [f"{directory}/{name}" for name in names
+            if name.startswith(prefix) and name[n:n + 1].isdigit()]
+
+
 def read_host_facts(root: str = SYS, cpuinfo: str = "/proc/cpuinfo") -> HostFacts:
     facts = HostFacts()
     for name in ("online", "possible"):
@@ -143,12 +154,12 @@ def read_host_facts(root: str = SYS, cpuinfo: str = "/proc/cpuinfo") -> HostFact
             facts.block_size = int(bs, 16)
         except ValueError:
             facts.block_size = None
-    for node_dir in glob.glob(f"{root}/node/node[0-9]*"):
+    for node_dir in _numbered(f"{root}/node", "node"):
         node = int(os.path.basename(node_dir)[4:])
         cpus = _read(f"{node_dir}/cpulist")
         if cpus:
             for cpu in parse_cpu_list(cpus):
                 facts.cpu_node[cpu] = node
-        for mem in glob.glob(f"{node_dir}/memory[0-9]*"):
+        for mem in _numbered(node_dir, "memory"):
             facts.block_node[int(os.path.basename(mem)[6:])] = node
     return facts

@@ -21,7 +21,6 @@ in a pipe or a file the output stays as it was.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 __all__ = ["PRIORITY", "stream_is_journal", "prefix"]
 
@@ -43,7 +42,7 @@ def stream_is_journal(fd: int) -> bool:
     return st.st_dev == int(dev) and st.st_ino == int(ino)
 
 
-def prefix(severity: Optional[str], journal: bool) -> str:
+def prefix(severity: str | None, journal: bool) -> str:
     """``"<3>"`` / ``"<4>"`` for an error / warning line bound for the journal, else ``""``."""
     if not journal or severity not in PRIORITY:
         return ""

@@ -46,7 +46,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from .elfcore import NO_PADDR, ElfCore, Note, parse_notes, parse_vmcoreinfo
+from .elfcore import NO_PADDR, ElfCore, Note, is_vmcore, parse_notes, parse_vmcoreinfo
 from .errors import InspectError, PageFiltered
 from .fileio import open_regular
 from .memory import PAGE_MASK, PAGE_SIZE, CoreMemory
@@ -110,22 +110,6 @@ def _kind_of(head: bytes) -> str | None:
     if head == FLAT_SIGNATURE:
         return "flattened"
     return None
-
-
-def is_vmcore(core: ElfCore, snapshot_note: str) -> bool:
-    """An ELF *crash dump*, as opposed to /proc/kcore or a snapshot.
-
-    /proc/kcore (and the synthetic cores shaped like it) always has
-    virtual-only segments (vmalloc, vmemmap: ``p_paddr = -1``,
-    ``fs/proc/kcore.c``); a snapshot carries its own note.  A vmcore
-    (``/proc/vmcore``, ``makedumpfile -E``, QEMU's ELF dump) has neither: every
-    ``PT_LOAD`` is physical memory.
-    """
-    if any(n.name == snapshot_note for n in core.notes):
-        return False
-    if any(s.paddr == NO_PADDR for s in core.segments):
-        return False
-    return bool(core.segments)
 
 
 def raw_elf_layout(fd: int, size: int) -> tuple[int, list[tuple[int, int, int]], list[Note]]:
@@ -313,6 +297,10 @@ class DumpCore:
 
     def read_vaddr(self, addr: int, size: int) -> bytes | None:
         return None                       # physical memory only
+
+    def read_vaddrs(self, addrs, size: int) -> list[bytes | None]:
+        """As :meth:`ElfCore.read_vaddrs`: a dump holds physical memory only."""
+        return [None] * len(addrs)
 
     def read_paddr(self, paddr: int, size: int) -> bytes | None:
         """Bytes at a physical address, or None when the dump lacks any of them."""

@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Sequence
 
 from .elfcore import ElfCore
 from .errors import InspectError
+from .records import dataclass, field
+
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object           # an interface for readers and type checkers only
 
 __all__ = ["MemorySource", "CoreMemory", "RecordingMemory", "ReadStats", "PAGE_SIZE"]
 
@@ -44,6 +50,9 @@ class MemorySource(Protocol):
     def read_virt(self, addr: int, size: int) -> bytes | None:
         """Bytes at *addr* if the source maps that virtual range, else None."""
 
+    def read_virts(self, addrs: Sequence[int], size: int) -> list[bytes | None]:
+        """``[read_virt(a, size) for a in addrs]`` (one call for every CPU's words)."""
+
     def read_phys(self, paddr: int, size: int) -> bytes:
         """Bytes at physical *paddr*; raises InspectError when not present."""
 
@@ -65,6 +74,10 @@ class CoreMemory:
     def read_virt(self, addr: int, size: int) -> bytes | None:
         self.stats.small_reads += 1
         return self.core.read_vaddr(addr, size)
+
+    def read_virts(self, addrs: Sequence[int], size: int) -> list[bytes | None]:
+        self.stats.small_reads += len(addrs)
+        return self.core.read_vaddrs(addrs, size)
 
     def phys_page(self, paddr: int) -> bytes:
         base = paddr & PAGE_MASK
@@ -119,6 +132,15 @@ class RecordingMemory:
             if prev is None or len(prev) < len(data):
                 self.virt[addr] = data
         return data
+
+    def read_virts(self, addrs: Sequence[int], size: int) -> list[bytes | None]:
+        datas = self.inner.read_virts(addrs, size)
+        for addr, data in zip(addrs, datas):
+            if data is not None:
+                prev = self.virt.get(addr)
+                if prev is None or len(prev) < len(data):
+                    self.virt[addr] = data
+        return datas
 
     def phys_page(self, paddr: int) -> bytes:
         page = self.inner.phys_page(paddr)

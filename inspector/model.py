@@ -17,8 +17,11 @@ Facts and names come from ``arch/x86/kernel/espfix_64.c`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
+
+from .records import dataclass
 
 __all__ = [
     "PAGE_SIZE", "PAGE_SHIFT", "ESPFIX_BASE_ADDR", "ESPFIX_STACK_SIZE",
@@ -28,7 +31,7 @@ __all__ = [
     "MemoryCost", "espfix_base_addr", "invert_espfix_stack", "cpu_layout",
     "group_layouts", "memory_cost", "table_indices", "pud_slots", "pte_slots",
     "parse_cpu_list", "format_cpu_list", "group_pud_index", "page_and_slot",
-    "is_espfix_address",
+    "is_espfix_address", "espfix_base_addrs", "layout_columns",
 ]
 
 PAGE_SHIFT = 12
@@ -57,6 +60,10 @@ ESPFIX_PMD_CLONES = 512
 ESPFIX_PUD_CLONES = 65536 // (ESPFIX_PTE_CLONES * ESPFIX_PMD_CLONES)
 #: CPUs that share one PUD slot group, one PMD page and one PTE page.
 CPUS_PER_GROUP = ESPFIX_STACKS_PER_PAGE * PTE_STRIDE
+#: ``cpu >> CPU_PAGE_SHIFT`` is ``cpu / ESPFIX_STACKS_PER_PAGE`` (the espfix_pages index),
+#: ``cpu >> CPU_GROUP_SHIFT`` is ``cpu / CPUS_PER_GROUP``.
+CPU_PAGE_SHIFT = (ESPFIX_STACKS_PER_PAGE - 1).bit_length()
+CPU_GROUP_SHIFT = (CPUS_PER_GROUP - 1).bit_length()
 #: Words of the IRET frame the entry code copies to the ministack through
 #: ``espfix_waddr`` (entry_64.S, ``native_irq_return_ldt``), in slot order.
 FRAME_WORDS = ("rax", "rip", "cs", "rflags", "rsp", "ss")
@@ -96,6 +103,38 @@ def espfix_base_addr(cpu: int, page_random: int, slot_random: int) -> int:
     addr = (page << PAGE_SHIFT) + slot * ESPFIX_STACK_SIZE
     addr = (addr & 0xFFFF) | ((addr & ~0xFFFF) << 16)
     return (addr + ESPFIX_BASE_ADDR) & MASK64
+
+
+def espfix_base_addrs(cpus: Sequence[int], page_random: int, slot_random: int) -> list[int]:
+    """``[espfix_base_addr(cpu, page_random, slot_random) for cpu in cpus]``, for
+    131,072 CPUs at a time.
+
+    ``page * 4096 + slot * 64`` is ``page << 12 | slot << 6`` (``slot * 64 < 4096``),
+    the shuffle moves only bits 16 and up, and the result stays below 2**39, under
+    ``ESPFIX_BASE_ADDR``'s lowest set bit: so the address is one term that depends on
+    ``cpu / 64`` ORed with one that depends on ``cpu % 64``, each from a table.
+    """
+    if not cpus:
+        return []
+    if min(cpus) < 0 or max(cpus) >= ESPFIX_MAX_CPUS:
+        return [espfix_base_addr(c, page_random, slot_random) for c in cpus]
+    pages = [ESPFIX_BASE_ADDR | _shuffle((i ^ page_random) << PAGE_SHIFT)
+             for i in range(max(cpus) // ESPFIX_STACKS_PER_PAGE + 1)]
+    slots = [((j + slot_random) % ESPFIX_STACKS_PER_PAGE) * ESPFIX_STACK_SIZE
+             for j in range(ESPFIX_STACKS_PER_PAGE)]
+    return list(map(operator.or_, map(pages.__getitem__, _page_indices(cpus)),
+                    map(slots.__getitem__,
+                        map(operator.and_, cpus, repeat(ESPFIX_STACKS_PER_PAGE - 1)))))
+
+
+def _page_indices(cpus: Sequence[int]) -> list[int]:
+    """``cpu / ESPFIX_STACKS_PER_PAGE`` of each CPU (its index in ``espfix_pages[]``)."""
+    return list(map(operator.rshift, cpus, repeat(CPU_PAGE_SHIFT)))
+
+
+def _shuffle(a: int) -> int:
+    """Bits 16 and up move up by 16, leaving RSP[31:16] (bits 16..31) zero."""
+    return (a & 0xFFFF) | ((a & ~0xFFFF) << 16)
 
 
 def _unshuffle(espfix_stack: int) -> int:
@@ -180,6 +219,35 @@ def cpu_layout(cpu: int, rnd: Randomness, levels: int = 4) -> CpuLayout:
     page, slot = page_and_slot(addr)
     return CpuLayout(cpu, addr, page, slot, cpu // ESPFIX_STACKS_PER_PAGE,
                      cpu // CPUS_PER_GROUP, table_indices(addr, levels))
+
+
+def layout_columns(cpus: Sequence[int], rnd: Randomness, levels: int = 4) -> dict[str, list[int]]:
+    """:func:`cpu_layout` of every CPU in *cpus*, one list per field of
+    ``CpuLayout.as_dict()`` (``espfix_stack`` as an int), computed column by column:
+    the page, PUD, PMD and PTE indices depend only on ``cpu / 64``, so they come from
+    per-page tables."""
+    if cpus and (min(cpus) < 0 or max(cpus) >= ESPFIX_MAX_CPUS):
+        bad = min(cpus) if min(cpus) < 0 else max(cpus)
+        raise ValueError(f"cpu {bad} is outside 0..{ESPFIX_MAX_CPUS - 1}")
+    n = len(cpus)
+    idx = _page_indices(cpus)
+    npages = max(idx) + 1 if idx else 0
+    page_of = [i ^ rnd.page_random for i in range(npages)]
+    addr_of = [espfix_base_addr(i * ESPFIX_STACKS_PER_PAGE, rnd.page_random, 0)
+               for i in range(npages)]                  # slot 0: bits 12 and up
+    cols: dict[str, list[int]] = {
+        "cpu": list(cpus),
+        "espfix_stack": espfix_base_addrs(cpus, rnd.page_random, rnd.slot_random),
+        "page": list(map(page_of.__getitem__, idx)),
+        "slot": list(map(operator.and_, map(operator.add, cpus, repeat(rnd.slot_random)),
+                         repeat(ESPFIX_STACKS_PER_PAGE - 1))),
+        "espfix_pages_index": idx,
+        "group": list(map(operator.rshift, cpus, repeat(CPU_GROUP_SHIFT)))}
+    names = ("pgd5", "p4d") if levels == 5 else ("pgd4",)
+    for name in (*names, "pud", "pmd", "pte"):
+        per_page = [(a >> _SHIFTS[name]) & 511 for a in addr_of]
+        cols[name.rstrip("45")] = list(map(per_page.__getitem__, idx)) if n else []
+    return cols
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ is set in entries and is masked off before an entry's address is used.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from .memory import MemorySource
+from .records import dataclass
 
 __all__ = ["Level", "LEVELS_4", "LEVELS_5", "Step", "Walk", "PageTableWalker",
            "decode_flags", "PAGE_PRESENT", "PAGE_RW", "PAGE_USER", "PAGE_PWT",

@@ -6,27 +6,40 @@ in most consumers).  The JSON shapes are documented in README.md.
 
 from __future__ import annotations
 
-import json
-from typing import Iterable
+from collections.abc import Iterable
 
-from tabulate import tabulate
-
-from .audit import AuditResult, Finding
-from .exercise import COULD_NOT_RUN, FINDING_VERDICTS, RoundTrip
-from .journal import prefix
-from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
-                    Randomness, format_cpu_list, page_and_slot)
-from .crash import CrashContext, dump_crash_context, dump_notes
+from . import jsonfmt
 from .errors import InspectError, PageFiltered
+from .journal import prefix
+from .jsonfmt import Columns
+from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
+                    Randomness, format_cpu_list, group_layouts, layout_columns, memory_cost,
+                    page_and_slot)
 from .state import EspfixState, FrameUnreadable
 
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:         # types only: a --json run imports neither the audit nor ctypes
+    from typing import IO
+
+    from .audit import AuditResult, Finding
+    from .crash import CrashContext
+    from .exercise import RoundTrip
+
 __all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
-           "stacks_text", "stacks_json", "exercise_text", "exercise_json", "dumps"]
+           "stacks_text", "stacks_json", "exercise_text", "exercise_json", "dumps",
+           "write_layout_json", "write_validate_json", "write_stacks_json"]
 
 CPU_TABLE_LIMIT = 64
 
 
+def tabulate(*args, **kwargs) -> str:
+    """``tabulate.tabulate``, imported when a table is first drawn (not for ``--json``)."""
+    from tabulate import tabulate as draw
+    return draw(*args, **kwargs)
+
+
 def dumps(doc: dict) -> str:
+    import json
     return json.dumps(doc, indent=2, sort_keys=False)
 
 
@@ -74,24 +87,49 @@ def layout_json(cpus: list[CpuLayout], groups: list[GroupLayout], cost: MemoryCo
             "memory": cost.as_dict()}
 
 
+def write_layout_json(fp: IO[str], cpus: list[int], rnd: Randomness, levels: int) -> None:
+    """``print(dumps(layout_json(...)), file=fp)`` for *cpus*, from the per-field lists of
+    :func:`~inspector.model.layout_columns` instead of one CpuLayout per CPU."""
+    cols = layout_columns(cpus, rnd, levels)
+    groups = [g.as_dict() for g in group_layouts(cpus, rnd)]
+    for g in groups:
+        pages = g["stack_pages"]
+        keys = tuple(pages[0]) if pages else ()
+        g["stack_pages"] = Columns(keys, [[p[k] for p in pages] for k in keys])
+    jsonfmt.write(fp, {"page_random": rnd.page_random, "slot_random": rnd.slot_random,
+                       "levels": levels,
+                       "cpus": Columns(tuple(cols), list(cols.values()), hex=("espfix_stack",)),
+                       "groups": groups, "memory": memory_cost(cpus).as_dict()})
+
+
 # -- validate ---------------------------------------------------------------
 
-def _cpu_rows(state: EspfixState, result: AuditResult) -> list[dict]:
-    rows = []
+CPU_KEYS = ("cpu", "online", "initialised", "espfix_stack", "espfix_waddr", "phys", "node",
+            "stack_node", "ok")
+
+
+def _cpu_columns(state: EspfixState, result: AuditResult) -> Columns:
+    """The ``cpus`` rows of ``validate --json``, built column by column."""
+    cpus = list(state.cpus)
+    sts = list(state.cpus.values())
     host = state.host
-    for cpu, st in state.cpus.items():
-        row: dict = {"cpu": cpu, "online": st.online, "initialised": st.initialised,
-                     "espfix_stack": _h(st.espfix_stack) if st.initialised else None,
-                     "espfix_waddr": _h(st.espfix_waddr) if st.initialised else None,
-                     "phys": None, "node": host.cpu_node.get(cpu), "stack_node": None,
-                     "ok": cpu not in result.per_cpu_bad}
-        if st.initialised:
-            pa = state.direct_map_pa(st.espfix_waddr)
-            if pa is not None:
-                row["phys"] = _h(pa)
-                row["stack_node"] = host.node_of_phys(pa)
-        rows.append(row)
-    return rows
+    stacks = [st.espfix_stack for st in sts]
+    waddrs = [st.espfix_waddr if st.espfix_stack else None for st in sts]
+    dm_pa = state.direct_map_pa
+    pas = [None if w is None else dm_pa(w) for w in waddrs]
+    node_of = host.node_of_phys
+    bad = result.per_cpu_bad
+    return Columns(CPU_KEYS, [
+        cpus, [st.online for st in sts], [s != 0 for s in stacks],
+        [s or None for s in stacks], waddrs, pas,
+        list(map(host.cpu_node.get, cpus)) if host.cpu_node else [None] * len(cpus),
+        [node_of(pa) if pa is not None else None for pa in pas] if host.block_size
+        else [None] * len(cpus),
+        [cpu not in bad for cpu in cpus]], hex=("espfix_stack", "espfix_waddr", "phys"))
+
+
+def _cpu_rows(state: EspfixState, result: AuditResult) -> list[dict]:
+    return _cpu_columns(state, result).rows()
 
 
 def _summary(result: AuditResult) -> dict[str, int]:
@@ -102,6 +140,16 @@ def _summary(result: AuditResult) -> dict[str, int]:
 
 
 def validate_json(state: EspfixState, result: AuditResult) -> dict:
+    return _validate_doc(state, result, _cpu_rows(state, result))
+
+
+def write_validate_json(fp: IO[str], state: EspfixState, result: AuditResult) -> None:
+    """``print(dumps(validate_json(state, result)), file=fp)``, written row block by
+    row block (131,072 CPUs: README, Performance)."""
+    jsonfmt.write(fp, _validate_doc(state, result, _cpu_columns(state, result)))
+
+
+def _validate_doc(state: EspfixState, result: AuditResult, cpus: list | Columns) -> dict:
     kernel = state.info.as_dict()
     kernel["randomness_source"] = result.rnd_source
     if result.rnd is not None:
@@ -110,11 +158,12 @@ def validate_json(state: EspfixState, result: AuditResult) -> dict:
     kernel["cpus_possible"] = format_cpu_list(state.possible)
     kernel["cpus_online"] = format_cpu_list(state.online)
     kernel["cpus_initialised"] = format_cpu_list(c for c, s in state.cpus.items() if s.initialised)
-    if dump_notes(state):
-        kernel["notes"] = dump_notes(state)
+    notes = _dump_notes(state)
+    if notes:
+        kernel["notes"] = notes
     return {"ok": result.ok, "summary": _summary(result), "kernel": kernel,
             "findings": [f.as_dict() for f in result.findings],
-            "cpus": _cpu_rows(state, result)}
+            "cpus": cpus}
 
 
 def _kernel_lines(state: EspfixState) -> list[str]:
@@ -122,7 +171,7 @@ def _kernel_lines(state: EspfixState) -> list[str]:
     return [f"kernel {i.osrelease}: {i.levels}-level paging, PTI {'on' if i.pti else 'off'}, "
             f"KASLR offset {i.kaslr_offset:#x}, per-CPU {i.percpu}",
             f"source: {i.core} with symbols from {i.symbols}",
-            *[f"note: {n}" for n in dump_notes(state)]]
+            *[f"note: {n}" for n in _dump_notes(state)]]
 
 
 def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False,
@@ -182,52 +231,103 @@ def _ordered(findings: Iterable[Finding]) -> list[Finding]:
 
 # -- stacks -----------------------------------------------------------------
 
+STACK_KEYS = ("cpu", "online", "espfix_stack", "espfix_waddr", "phys", "page", "slot", "frame",
+              "frame_error")
+
+
+def _stack_columns(state: EspfixState, cpus: Iterable[int]) -> tuple[Columns, dict[int, str]]:
+    """The ``cpus`` rows of ``stacks --json``, built column by column, and the rows
+    whose ministack page a crash dump filtered out (their ``frame_state``)."""
+    cpus = list(cpus)
+    sts = [state.cpus[c] for c in cpus]
+    n = len(cpus)
+    stacks = [st.espfix_stack if st.initialised else None for st in sts]
+    phys: list[str | None] = [None] * n
+    pages: list[int | None] = [None] * n
+    slots: list[int | None] = [None] * n
+    frames: list[dict | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    filtered: dict[int, str] = {}
+    for i, (cpu, stack) in enumerate(zip(cpus, stacks)):
+        if stack is None:
+            continue
+        pages[i], slots[i] = page_and_slot(stack)
+        try:
+            w = state.walk(stack)                   # memoised per page
+        except InspectError as e:                   # a table page the core lacks
+            errors[i] = e.cause
+            continue
+        phys[i] = _h(None if w.phys is None else w.phys | (stack & 0xFFF))
+        try:
+            frame = state.frame(cpu)
+        except PageFiltered:
+            # an in-use ministack page is neither cache, user nor free memory:
+            # makedumpfile can only have dropped it as a zero page
+            filtered[i] = "all zero, filtered"
+        except FrameUnreadable as e:
+            errors[i] = e.cause
+        else:
+            if frame is not None:
+                frames[i] = {k: f"{v:#x}" for k, v in frame.items()}
+    waddrs = [st.espfix_waddr if st.initialised else None for st in sts]
+    return Columns(STACK_KEYS, [cpus, [st.online for st in sts], stacks, waddrs, phys, pages,
+                                slots, frames, errors],
+                   hex=("espfix_stack", "espfix_waddr")), filtered
+
+
 def _stack_rows(state: EspfixState, cpus: Iterable[int]) -> list[dict]:
-    rows = []
-    for cpu in cpus:
-        st = state.cpus[cpu]
-        row: dict = {"cpu": cpu, "online": st.online, "espfix_stack": None,
-                     "espfix_waddr": None, "phys": None, "page": None, "slot": None,
-                     "frame": None, "frame_error": None}
-        if st.initialised:
-            page, slot = page_and_slot(st.espfix_stack)
-            row.update(espfix_stack=_h(st.espfix_stack), espfix_waddr=_h(st.espfix_waddr),
-                       page=page, slot=slot)
-            try:
-                w = state.walk(st.espfix_stack)
-            except InspectError as e:        # a table page the core lacks
-                row["frame_error"] = e.cause
-                rows.append(row)
-                continue
-            row["phys"] = _h(None if w.phys is None else w.phys | (st.espfix_stack & 0xFFF))
-            try:
-                frame = state.frame(cpu)
-            except PageFiltered:
-                # an in-use ministack page is neither cache, user nor free memory:
-                # makedumpfile can only have dropped it as a zero page
-                row["frame_state"] = "all zero, filtered"
-            except FrameUnreadable as e:
-                row["frame_error"] = e.cause
-            else:
-                if frame is not None:
-                    row["frame"] = {k: _h(v) for k, v in frame.items()}
-        rows.append(row)
+    cols, filtered = _stack_columns(state, cpus)
+    return _rows_with_state(cols, filtered)
+
+
+def _rows_with_state(cols: Columns, filtered: dict[int, str]) -> list[dict]:
+    rows = cols.rows()
+    for i, why in filtered.items():
+        rows[i]["frame_state"] = why
     return rows
 
 
 def stacks_json(state: EspfixState, cpus: Iterable[int]) -> dict:
-    rows = _stack_rows(state, cpus)
-    doc = {"kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
-                      "pti": state.info.pti},
-           "cpus": rows}
-    crash = dump_crash_context(state)            # crash dumps only
+    doc = _stacks_doc(state, *_stack_columns(state, cpus))
+    if isinstance(doc["cpus"], Columns):
+        doc["cpus"] = doc["cpus"].rows()
+    return doc
+
+
+def write_stacks_json(fp: IO[str], state: EspfixState, cpus: Iterable[int]) -> None:
+    """``print(dumps(stacks_json(state, cpus)), file=fp)``, row block by row block."""
+    jsonfmt.write(fp, _stacks_doc(state, *_stack_columns(state, cpus)))
+
+
+def _stacks_doc(state: EspfixState, cols: Columns, filtered: dict[int, str]) -> dict:
+    """The stacks document; its CPUs stay columns unless a crash dump adds to rows."""
+    doc: dict = {"kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
+                            "pti": state.info.pti},
+                 "cpus": cols}
+    crash = _crash_context(state)            # crash dumps only
+    if crash is None and not filtered:
+        return doc
+    rows = doc["cpus"] = _rows_with_state(cols, filtered)
     if crash is not None:
-        doc["kernel"]["notes"] = dump_notes(state)
+        doc["kernel"]["notes"] = _dump_notes(state)
         doc["crash"] = {k: v for k, v in crash.as_dict().items() if k != "cpus"}
         for r in rows:
             cc = crash.cpus.get(r["cpu"])
             r["crash"] = cc.as_dict() if cc is not None else None
     return doc
+
+
+def _dump_notes(state: EspfixState) -> list[str]:
+    """What a dump target noted while opening (crash.dump_notes; [] for /proc/kcore)."""
+    return list(getattr(state.reader.target, "notes", None) or [])
+
+
+def _crash_context(state: EspfixState) -> CrashContext | None:
+    """The crash context of a dump target; None, importing nothing, for the others."""
+    if getattr(state.reader.target, "dump", None) is None:
+        return None
+    from .crash import dump_crash_context
+    return dump_crash_context(state)
 
 
 def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
@@ -255,7 +355,7 @@ def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
         table, headers=["CPU", "ESPFIX_STACK", "ESPFIX_WADDR", "PHYS", "PG/SLOT",
                         *[k.upper() for k in FRAME_WORDS]],
         tablefmt="simple", disable_numparse=True) + "".join("\n" + t for t in tail)
-    crash = dump_crash_context(state)            # crash dumps only
+    crash = _crash_context(state)            # crash dumps only
     if crash is not None:
         text += "\n\n" + crash_text(crash, [r["cpu"] for r in rows])
     return text
@@ -285,6 +385,7 @@ def crash_text(crash: CrashContext, cpus: list[int]) -> str:
 # --------------------------------------------------------------------------- exercise
 
 def exercise_json(rounds: list[RoundTrip], kcore_note: str | None) -> dict:
+    from .exercise import COULD_NOT_RUN, FINDING_VERDICTS
     return {"ok": any(r.verdict == "ok" for r in rounds)
             and not any(r.verdict in FINDING_VERDICTS for r in rounds),
             "could_not_run": sum(r.verdict == COULD_NOT_RUN for r in rounds),
@@ -324,6 +425,7 @@ def exercise_text(rounds: list[RoundTrip], kcore_note: str | None) -> str:
             if key not in seen:
                 seen.add(key)
                 lines.append(("note " if r.verdict == "ok" else f"{r.verdict} ") + key)
+    from .exercise import COULD_NOT_RUN, FINDING_VERDICTS
     bad = [r for r in rounds if r.verdict in FINDING_VERDICTS]
     idle = [r for r in rounds if r.verdict == COULD_NOT_RUN]
     cpus = sorted({r.cpu for r in rounds})

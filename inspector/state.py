@@ -13,14 +13,14 @@ from 6.15; see ``include/linux/percpu-defs.h``).
 
 from __future__ import annotations
 
-import bisect
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 
 from .errors import InspectError, PageFiltered
 from .hostfacts import HostFacts, read_host_facts
 from .model import ESPFIX_BASE_ADDR, ESPFIX_STACKS_PER_PAGE, FRAME_WORDS
 from .pagetable import PAGE_PRESENT, PageTableWalker, Step, Walk
+from .records import dataclass, field
 from .symbols import MASK64, START_KERNEL_MAP
 from .target import Target
 
@@ -58,6 +58,16 @@ class KernelReader:
         data = self.mem.read_virt(addr, size)
         if data is not None:
             return data
+        return self._read_alias(addr, size)
+
+    def read_many(self, addrs: list[int], size: int) -> list[bytes]:
+        """``[read(a, size) for a in addrs]``: one batch for the core's own segments
+        (``MemorySource.read_virts``), the aliases only where a segment is missing."""
+        addrs = [a & MASK64 for a in addrs]
+        datas = self.mem.read_virts(addrs, size)
+        return [d if d is not None else self._read_alias(a, size) for a, d in zip(addrs, datas)]
+
+    def _read_alias(self, addr: int, size: int) -> bytes:
         if addr >= START_KERNEL_MAP:
             return self.mem.read_phys(self.target.pa_symbol(addr), size)
         pob = self.page_offset_base
@@ -83,9 +93,24 @@ class KernelReader:
         """The set bits below *nbits*, and those set beyond it in the last word read
         (a ``struct cpumask`` keeps bits from ``nr_cpu_ids`` up clear)."""
         words = self.u64s(addr, (nbits + 63) // 64)
-        bits = [i for i in range(len(words) * 64) if words[i >> 6] >> (i & 63) & 1]
-        cut = bisect.bisect_left(bits, nbits)
-        return bits[:cut], bits[cut:]
+        return bits_set(words, nbits), bits_set(words, len(words) * 64, start=nbits)
+
+
+def bits_set(words: Sequence[int], nbits: int, start: int = 0) -> list[int]:
+    """The numbers of the bits set from *start* up to (not including) *nbits* of a
+    bitmap of 64-bit words (a ``struct cpumask``), a full or empty word at a time when
+    it can."""
+    out: list[int] = []
+    for i, word in enumerate(words):
+        base = i * 64
+        lo, hi = max(base, start), min(base + 64, nbits)
+        if lo >= hi or not word:
+            continue
+        if word == MASK64 and lo == base and hi == base + 64:
+            out.extend(range(base, base + 64))
+        else:
+            out.extend(n for n in range(lo, hi) if word >> (n - base) & 1)
+    return out
 
 
 @dataclass
@@ -205,6 +230,26 @@ class EspfixState:
             return None
         return dict(zip(FRAME_WORDS, words))
 
+    def frames(self, cpus: Iterable[int]) -> list[dict[str, int] | None]:
+        """``[frame(cpu) for cpu in cpus]``, each stack page walked and fetched once
+        for its 64 CPUs."""
+        out: list[dict[str, int] | None] = []
+        pages: dict[int, bytes | None] = {}
+        frame = struct.Struct("<6Q").unpack_from
+        for cpu in cpus:
+            stack = self.cpus[cpu].espfix_stack
+            base = stack & ~0xFFF
+            if not stack:
+                out.append(None)
+                continue
+            if base not in pages:
+                w = self.walk(base)
+                pages[base] = None if w.phys is None else self.reader.mem.phys_page(w.phys)
+            page = pages[base]
+            words = frame(page, stack & 0xFFF) if page is not None else None
+            out.append(dict(zip(FRAME_WORDS, words)) if words and any(words) else None)
+        return out
+
 
 def _levels(target: Target, reader: KernelReader) -> int:
     v = target.vmcoreinfo.pgtable_l5_enabled
@@ -292,16 +337,25 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
     cpus: dict[int, CpuState] = {}
     lo = min(stack_sym, waddr_sym)
     span = max(stack_sym, waddr_sym) + 8 - lo
-    for cpu in possible:
-        base = (lo + offsets[cpu]) & MASK64
-        if span <= 64:
-            raw = reader.read(base, span)
-            stack = struct.unpack_from("<Q", raw, stack_sym - lo)[0]
-            waddr = struct.unpack_from("<Q", raw, waddr_sym - lo)[0]
+    if span <= 64:          # both words in one read per CPU, all CPUs in one batch
+        raws = reader.read_many([lo + offsets[cpu] for cpu in possible], span)
+        stack_at, waddr_at = stack_sym - lo, waddr_sym - lo
+        if not (stack_at | waddr_at | span) & 7:        # aligned: one unpack per CPU
+            words = struct.Struct(f"<{span // 8}Q").unpack
+            si, wi = stack_at // 8, waddr_at // 8
+            for cpu, raw in zip(possible, raws):
+                w = words(raw)
+                cpus[cpu] = CpuState(cpu, cpu in online_set, w[si], w[wi])
         else:
+            word = struct.Struct("<Q").unpack_from
+            for cpu, raw in zip(possible, raws):
+                cpus[cpu] = CpuState(cpu, cpu in online_set, word(raw, stack_at)[0],
+                                     word(raw, waddr_at)[0])
+    else:
+        for cpu in possible:
             stack = reader.u64(stack_sym + offsets[cpu])
             waddr = reader.u64(waddr_sym + offsets[cpu])
-        cpus[cpu] = CpuState(cpu, cpu in online_set, stack, waddr)
+            cpus[cpu] = CpuState(cpu, cpu in online_set, stack, waddr)
 
     npages = (nr_cpu_ids + ESPFIX_STACKS_PER_PAGE - 1) // ESPFIX_STACKS_PER_PAGE
     espfix_pages = reader.u64s(pages_sym, npages)

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from collections.abc import Callable, Iterable, Iterator
 
 from .errors import InspectError
 from .fileio import MiB, open_regular, read_bounded
+from .records import dataclass, field
 
-__all__ = ["START_KERNEL_MAP", "SymbolTable", "load_symbols", "parse_symbol_text"]
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from elftools.elf.elffile import ELFFile
+
+__all__ = ["START_KERNEL_MAP", "SymbolTable", "load_symbols", "parse_symbol_text",
+           "scan_symbol_text", "read_own_lines"]
 
 #: ``__START_KERNEL_map`` (arch/x86/include/asm/page_64_types.h).
 START_KERNEL_MAP = 0xFFFFFFFF80000000
@@ -49,22 +52,40 @@ class SymbolTable:
     banner: bytes | None = None     # linux_banner bytes, from a vmlinux
     shift: int = 0                  # KASLR shift applied (0 for live kallsyms)
     used: set[str] = field(default_factory=set)     # names looked up (for snapshots)
+    #: For a table resolved from a few names (:func:`scan_symbol_text`): finds any
+    #: other name on demand, so that the table answers as a full one would.
+    resolve: Callable[[str], tuple[int, str] | None] | None = None
+    late: list[str] = field(default_factory=list)   # names resolve() had to search for
+    _tried: set[str] = field(default_factory=set, repr=False)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.addresses
+        return name in self.addresses or self._resolve(name)
 
     def get(self, name: str) -> int | None:
         self.used.add(name)
+        if name not in self.addresses:
+            self._resolve(name)
         return self.addresses.get(name)
 
     def __getitem__(self, name: str) -> int:
         self.used.add(name)
+        if name not in self.addresses:
+            self._resolve(name)
         try:
             return self.addresses[name]
         except KeyError:
             raise InspectError(f"symbol {name} is not in {self.source}",
                                "use the symbol file of the inspected kernel "
                                "(a vmlinux with debug symbols has every static)") from None
+
+    def _resolve(self, name: str) -> bool:
+        if self.resolve is None or name in self._tried:
+            return False
+        self._tried.add(name)
+        found = self.resolve(name)
+        if found is not None:
+            self.addresses[name], self.types[name] = found
+        return found is not None
 
     def shifted(self, offset: int) -> "SymbolTable":
         """The table as seen in a kernel whose image moved by *offset* bytes."""
@@ -137,7 +158,84 @@ def parse_symbol_text(text: str, source: str, kind: str) -> SymbolTable:
     return SymbolTable(source, kind, addresses, types)
 
 
+def _alternation(names: list[bytes]) -> bytes:
+    """A regular-expression alternation of *names* as a prefix tree
+    (``(?:_(?:_per_cpu_offset|text)|e(?:spfix_...))``): ``re`` tries the branches of an
+    alternation one after another, and shared prefixes let a line that names none of
+    them fail after a few byte comparisons instead of one per name."""
+    if len(names) == 1:
+        return re.escape(names[0])
+    groups: dict[bytes, list[bytes]] = {}
+    for n in names:
+        if n:
+            groups.setdefault(n[:1], []).append(n[1:])
+    body = b"(?:" + b"|".join(re.escape(k) + _alternation(v)
+                              for k, v in sorted(groups.items())) + b")"
+    return body + b"?" if b"" in names else body
+
+
+def _kallsyms_lines(text: bytes, names: Iterable[str]) -> Iterator[tuple[str, int, str]]:
+    """``(name, address, type)`` of the lines of *text* that define one of *names*, in
+    order, in the kernel's format: ``kernel/kallsyms.c`` ``s_show()`` prints
+    ``"%px %c %s\\n"`` for a vmlinux symbol and adds ``"\\t[module]"`` for a module's,
+    which the ``\\n`` right after the name leaves out."""
+    pattern = re.compile(rb" (\S) (" + _alternation(sorted(n.encode("latin-1") for n in set(names)))
+                         + rb")\n")
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    for m in pattern.finditer(text):
+        start = text.rfind(b"\n", 0, m.start()) + 1
+        try:
+            addr = int(text[start:m.start()], 16)
+        except ValueError:
+            continue                        # not "ADDRESS TYPE NAME"
+        yield m.group(2).decode("latin-1"), addr, m.group(1).decode("latin-1")
+
+
+def scan_symbol_text(data: bytes, source: str, kind: str, names: Iterable[str],
+                     reread: Callable[[], bytes] | None = None) -> SymbolTable:
+    """Resolve only *names* (plus ``_text``/``_stext``) in kallsyms text, in one
+    regular-expression pass over the bytes.
+
+    A live /proc/kallsyms has 100,000-210,000 lines and the inspector needs a few
+    dozen of them: building the table of every line (:func:`parse_symbol_text`) was the
+    largest cost of a live ``validate``, 2-4.5 s of 5-7 s in the QEMU/TCG guests (README,
+    Performance).  The result is what :func:`parse_symbol_text` gives for those names
+    (the first non-module line of each), for text in the kernel's own format.  Whenever
+    that function would refuse the text (Debian's placeholder, no symbols, every
+    address 0, no ``_text``), it is called instead, so the error is the same.  Any other
+    name asked of the table later is found by one more pass over ``reread()`` (the
+    table's ``late`` list names them; tests keep it empty for the inspector's own runs).
+    """
+    want = set(names) | {"_text", "_stext"}
+    addresses: dict[str, int] = {}
+    types: dict[str, str] = {}
+    if DEBIAN_PLACEHOLDER.encode() not in data[:4096]:
+        for name, addr, typ in _kallsyms_lines(data, want):
+            if name not in addresses:
+                addresses[name] = addr
+                types[name] = typ
+    if not any(addresses.values()) or ("_text" not in addresses and "_stext" not in addresses):
+        return parse_symbol_text(data.decode("latin-1"), source, kind)
+
+    table = SymbolTable(source, kind, addresses, types)
+
+    def resolve(name: str) -> tuple[int, str] | None:
+        if reread is None or name in want:
+            return None                     # scanned for already: not in the text
+        table.late.append(name)
+        for _name, addr, typ in _kallsyms_lines(reread(), [name]):
+            return addr, typ
+        return None
+
+    table.resolve = resolve
+    return table
+
+
 def _load_vmlinux(path: str, fh) -> SymbolTable:
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
     from .elfcore import check_elf_header
     try:
         size = os.fstat(fh.fileno()).st_size
@@ -195,8 +293,10 @@ def _vmlinux_banner(elf: ELFFile, addr: int | None) -> bytes | None:
     return None
 
 
-def load_symbols(path: str) -> SymbolTable:
-    """Load a kallsyms/System.map text file or a vmlinux ELF."""
+def load_symbols(path: str, names: Iterable[str] | None = None) -> SymbolTable:
+    """Load a kallsyms/System.map text file or a vmlinux ELF.  With *names*, a text
+    file is only scanned for those (:func:`scan_symbol_text`): for the kernel's own
+    /proc/kallsyms."""
     fix = "pass /proc/kallsyms, the kernel's System.map or its vmlinux"
     try:
         fh = open_regular(path, "symbol file", fix)
@@ -209,10 +309,44 @@ def load_symbols(path: str) -> SymbolTable:
         if head == b"\x7fELF":
             return _load_vmlinux(path, fh)
         try:
-            data = read_bounded(fh, path, "symbol file", MAX_SYMBOL_TEXT)
+            data = read_bounded(fh, path, "symbol file", MAX_SYMBOL_TEXT) if names is None \
+                else read_own_lines(fh, path)
         except OSError as e:
             raise InspectError(f"cannot read {path}: {e.strerror}", fix) from None
     if b"\0" in data[:4096]:
         raise InspectError(f"{path} is neither a vmlinux nor kallsyms/System.map text", fix)
     kind = "kallsyms" if os.path.basename(path) == "kallsyms" else "system.map"
+    if names is not None:
+        return scan_symbol_text(data, path, kind, names, lambda: _reread(path))
     return parse_symbol_text(data.decode("latin-1"), path, kind)
+
+
+def read_own_lines(fh, path: str, chunk: int = 1 << 20) -> bytes:
+    """A kallsyms text up to (and with) the chunk holding its first module line, at
+    most MAX_SYMBOL_TEXT bytes.
+
+    ``kernel/kallsyms.c`` lists vmlinux's own symbols first and then, each with
+    ``"\\t[module]"``, those of modules, BPF and ftrace (``update_iter()``), which the
+    inspector never uses: 5-8% of a live /proc/kallsyms in the Debian guests."""
+    chunks = []
+    total = 0
+    while True:
+        data = fh.read(chunk)
+        if not data:
+            break
+        chunks.append(data)
+        total += len(data)
+        if total > MAX_SYMBOL_TEXT:
+            raise InspectError(f"symbol file {path} is larger than {MAX_SYMBOL_TEXT // MiB} "
+                               "MiB, more than any real one", "pass the real symbol file")
+        if b"\t[" in data:
+            break
+    return b"".join(chunks)
+
+
+def _reread(path: str) -> bytes:
+    try:
+        with open_regular(path, "symbol file", "") as f:
+            return read_bounded(f, path, "symbol file", MAX_SYMBOL_TEXT)
+    except (OSError, InspectError):
+        return b""

@@ -15,17 +15,16 @@ a symbol file from another build and is refused.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-
-from .elfcore import ElfCore
+from .elfcore import ElfCore, is_vmcore
 from .errors import InspectError
+from .fileio import open_regular
 from .memory import CoreMemory, MemorySource
+from .records import dataclass, field
 from .symbols import MASK64, START_KERNEL_MAP, SymbolTable, load_symbols, parse_symbol_text
 from .vmcoreinfo import VmcoreInfo
 
 __all__ = ["Target", "open_target", "SNAPSHOT_NOTE", "NT_SYMBOLS", "NT_META",
-           "KCORE_PATH", "KALLSYMS_PATH"]
+           "KCORE_PATH", "KALLSYMS_PATH", "LIVE_SYMBOLS", "live_symbol_names"]
 
 KCORE_PATH = "/proc/kcore"
 KALLSYMS_PATH = "/proc/kallsyms"
@@ -100,6 +99,7 @@ def _meta(core: ElfCore) -> dict:
             try:
                 if len(note.desc) > MAX_META:
                     raise ValueError("too large")
+                import json     # snapshots only: a live run imports no json decoder
                 meta = json.loads(note.desc.rstrip(b"\0").decode("utf-8"))
             except (ValueError, RecursionError):
                 meta = None
@@ -187,16 +187,59 @@ def _read_image(core: ElfCore, vaddr: int, syms: SymbolTable, info: VmcoreInfo) 
     return core.read_paddr(pa, 256)
 
 
+#: The symbols the inspector reads (state.py, snapshot.py ALWAYS, the CONFIG_KALLSYMS_ALL
+#: and espfix checks of state._need): a live /proc/kallsyms is scanned for these
+#: and for VMCOREINFO's SYMBOL() names only.  tests/test_perf.py fails when the tool
+#: asks a live table for a name not listed here.
+LIVE_SYMBOLS = (
+    "_text", "_stext", "linux_banner", "init_top_pgt", "nr_cpu_ids", "__cpu_possible_mask",
+    "__cpu_online_mask", "__per_cpu_offset", "__per_cpu_start", "espfix_stack",
+    "espfix_waddr", "espfix_pages", "espfix_pud_page", "init_espfix_ap", "page_offset_base",
+    "__supported_pte_mask", "__pgtable_l5_enabled", "page_random", "slot_random",
+)
+
+
+def live_symbol_names(info: dict[str, str]) -> list[str]:
+    """:data:`LIVE_SYMBOLS` and every name VMCOREINFO exports as ``SYMBOL(name)``
+    (:func:`bind_symbols` compares them all, and snapshots embed them)."""
+    exported = [k[7:-1] for k in info if k.startswith("SYMBOL(") and k.endswith(")")]
+    return list(dict.fromkeys((*LIVE_SYMBOLS, *exported)))
+
+
+def _has_elf_magic(path: str) -> bool:
+    """True when *path* starts with the ELF magic; False for anything else, including
+    what cannot be read (the readers then say why)."""
+    try:
+        with open_regular(path, "core", "check the --core path") as f:
+            return f.read(4) == b"\x7fELF"
+    except (InspectError, OSError):
+        return False
+
+
 def open_target(core_path: str = KCORE_PATH, symbols_path: str | None = None,
                 wrap=None) -> Target:
     """Open a core and its symbols.  *wrap* may wrap the memory source
     (e.g. :class:`~inspector.memory.RecordingMemory` for snapshots).  Crash dumps
     (kdump-compressed, ELF vmcores) go to :mod:`inspector.dumptarget`."""
-    if core_path != KCORE_PATH:
+    # Crash dumps go to libkdumpfile; an ELF core that is /proc/kcore-shaped or a
+    # snapshot stays here without importing the dump modules (README, Performance).
+    if core_path != KCORE_PATH and not _has_elf_magic(core_path):
         from .dumptarget import is_dump, open_dump_target
         if is_dump(core_path):
             return open_dump_target(core_path, symbols_path, wrap)
-    core = ElfCore(core_path)
+    try:
+        core = ElfCore(core_path)
+    except InspectError:
+        if core_path == KCORE_PATH:
+            raise
+        from .dumptarget import is_dump, open_dump_target
+        if is_dump(core_path):          # e.g. QEMU 7.2's ELF dumps (e_ehsize 8)
+            return open_dump_target(core_path, symbols_path, wrap)
+        raise
+    if core_path != KCORE_PATH and is_vmcore(core, SNAPSHOT_NOTE):
+        core.close()
+        from .dumptarget import open_dump_target
+        return open_dump_target(core_path, symbols_path, wrap)
     try:
         if not core.vmcoreinfo:
             raise InspectError(f"{core_path} has no VMCOREINFO note (kernel before 4.19, "
@@ -212,7 +255,7 @@ def open_target(core_path: str = KCORE_PATH, symbols_path: str | None = None,
             if embedded is not None:
                 syms = embedded
             elif core_path == KCORE_PATH:
-                syms = load_symbols(KALLSYMS_PATH)
+                syms = load_symbols(KALLSYMS_PATH, live_symbol_names(core.vmcoreinfo))
             else:
                 raise InspectError(f"{core_path} carries no symbols",
                                    "pass --symbols with the kernel's System.map or vmlinux")

@@ -9,12 +9,11 @@ import argparse
 import signal
 import time
 
+from .cli import HelpFormatter
 from .errors import EXIT_OK, InspectError
 from .model import parse_cpu_list
 from .safetext import print_out
 from .target import KCORE_PATH
-from .trace_output import JsonTrace, TextTrace
-from .trace_summary import summarize
 
 EXAMPLES = """examples:
     espfix-inspect trace                 # everything, until Ctrl-C
@@ -47,7 +46,7 @@ exit status: 0 traced until Ctrl-C, SIGTERM or the duration; 2 could not trace
 
 def add_parser(sub) -> None:
     p = sub.add_parser("trace", help="BCC probes: init_espfix_ap, modify_ldt, espfix returns",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+                       formatter_class=HelpFormatter, epilog=EXAMPLES)
     p.add_argument("duration", nargs="?", type=float, help="seconds to trace (default: until "
                    "Ctrl-C)")
     p.add_argument("-p", "--pid", type=int, help="only this process (modify_ldt, returns)")
@@ -162,6 +161,8 @@ def _ebpf_listing(tr, want: set[str], sources: set[str] | None, pid: int | None)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    import json
+
     from probes import trace as tr
     from .cli import Terminated
 
@@ -180,6 +181,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise InspectError("nothing can be traced on this kernel: " + "; ".join(plan.missing),
                            "see README, trace: requirements")
 
+    from .trace_output import JsonTrace, TextTrace
     out = (JsonTrace if args.json else TextTrace)(lambda text: print_out(text, flush=True),
                                                   events=not args.summary)
     # Ctrl-C and SIGTERM end the trace between two polls, so that no event already
@@ -238,6 +240,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if plan.returns:
         out.returns(rows, looked, counted, elapsed)
     if plan.init:
+        from .trace_summary import summarize
         out.summary(summarize(inits, before, before_source, plan.lock_why))
     out.end(reason, elapsed, looked, counted)
     return EXIT_OK

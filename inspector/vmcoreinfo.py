@@ -19,7 +19,12 @@ a multiple of ``CONFIG_PHYSICAL_ALIGN``) are kept: the audit reports them as fin
 from __future__ import annotations
 
 import re
-from typing import Iterator, Mapping, NoReturn
+from collections.abc import Mapping
+
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import NoReturn
 
 from .errors import InspectError
 
@@ -38,7 +43,7 @@ _DEC = re.compile(r"-?[0-9]{1,20}\Z")
 _FIX = "the core's VMCOREINFO note is damaged: capture the core again"
 
 
-class VmcoreInfo(Mapping[str, str]):
+class VmcoreInfo(Mapping):       # of str to str
     """The raw ``KEY -> VALUE`` strings (a read-only mapping) plus the checked values
     the inspector uses as attributes (None when the key is absent)."""
 

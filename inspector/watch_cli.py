@@ -9,8 +9,8 @@ documents differ.
 from __future__ import annotations
 
 import argparse
-import json
 
+from .cli import HelpFormatter
 from .errors import EXIT_FINDINGS, EXIT_OK
 from .safetext import print_out
 from .target import KCORE_PATH
@@ -72,7 +72,7 @@ def _count(text: str) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("watch", help="re-validate on an interval and on CPU hotplug; report "
                        "findings and new ministack frames; Prometheus textfile",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        epilog=WATCH_EXAMPLES)
     p.add_argument("interval", nargs="?", type=_interval, default=None,
                    help="seconds between rounds (default 10, or the config file's)")
@@ -98,7 +98,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("diff", help="explain how two snapshots or validate --json documents "
                        "differ (kernel, randomisation, CPUs, findings)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        epilog=DIFF_EXAMPLES)
     p.add_argument("a", metavar="A", help="a snapshot/core or a validate --json file")
     p.add_argument("b", metavar="B", help="the same, for the other machine or boot")
@@ -115,6 +115,8 @@ def _print(line: str) -> None:
 def cmd_watch(args: argparse.Namespace) -> int:
     from .journal import prefix, stream_is_journal
     from .prom import check_textfile_dir, render, write_textfile
+    import json
+
     from .watch import Watcher
     from .watch_config import build_config
     from .watch_events import ErrorEvent, Event, event_json, event_severity, event_text
