@@ -57,7 +57,7 @@ def main() -> int:
     elapsed = time.perf_counter() - t0
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
-    end = [json.loads(x) for x in out.splitlines() if '"type": "end"' in x][-1]
+    end = [json.loads(x) for x in out.splitlines() if '"event": "stop"' in x][-1]
     syscalls = 2 * BYTES
     rows = [
         ("dd bs=1, %d syscalls" % syscalls, base_dd, traced_dd),

@@ -47,7 +47,8 @@ class Finding:
     affects: range | None = None
 
     def as_dict(self) -> dict:
-        extra = {"affects": f"{self.affects.start}-{self.affects.stop - 1}"} \
+        # "cpus": the CPU-list string of every finding that concerns several CPUs
+        extra = {"cpus": f"{self.affects.start}-{self.affects.stop - 1}"} \
             if self.affects is not None else {}
         return {"check": self.check, "severity": self.severity, "cpu": self.cpu,
                 "message": self.message, **extra, **self.details}
@@ -571,18 +572,18 @@ def check_numa(ctx: Context) -> Iterable[Finding]:
     host = st.host
     if not host.cpu_node or not host.block_size:
         return
-    remote: Counter = Counter()
+    remote: dict[int, list[int]] = {}
     for cpu in _initialised(ctx):
         pa = st.direct_map_pa(st.cpus[cpu].espfix_waddr)
         node = host.node_of_phys(pa) if pa is not None else None
         cpu_node = host.cpu_node.get(cpu)
         if node is not None and cpu_node is not None and node != cpu_node:
-            remote[cpu_node] += 1
+            remote.setdefault(cpu_node, []).append(cpu)
             yield Finding("numa", "info", f"ministack on node {node}, CPU on node {cpu_node}",
                           cpu, {"stack_node": node, "cpu_node": cpu_node})
-    for node, n in sorted(remote.items()):
-        yield Finding("numa", "info", f"node {node}: {n} CPU(s) use a remote ministack", None,
-                      {"node": node, "remote_cpus": n})
+    for node, cpus in sorted(remote.items()):
+        yield Finding("numa", "info", f"node {node}: {len(cpus)} CPU(s) use a remote ministack",
+                      None, {"node": node, "cpus": format_cpu_list(cpus)})
 
 
 def audit(state: EspfixState) -> AuditResult:

@@ -256,14 +256,14 @@ def cmd_stacks(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from .report import dumps
+    from .report import dumps, snapshot_json
     from .snapshot import take_snapshot
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise InspectError(f"directory {out_dir} does not exist", "create it or pick another -o")
     summary = take_snapshot(args.core, args.symbols, args.output)
     if args.json:
-        print_out(dumps(summary))
+        print_out(dumps(snapshot_json(summary)))
     else:
         print_out(f"wrote {summary['file']}: {summary['bytes']} bytes, {summary['segments']} "
               f"segments, {summary['cpus']} CPUs of {summary['osrelease']}")
@@ -305,10 +305,14 @@ def cmd_exercise(args: argparse.Namespace) -> int:
     finally:
         if target is not None:
             target.close()
-    print_out(dumps(exercise_json(rounds, note)) if args.json else exercise_text(rounds, note))
-    if any(r.verdict in FINDING_VERDICTS for r in rounds):
+    findings = any(r.verdict in FINDING_VERDICTS for r in rounds)
+    none_ran = not findings and not any(r.verdict == "ok" for r in rounds)
+    if not (args.json and none_ran):        # --json: the error document says it instead
+        print_out(dumps(exercise_json(rounds, note)) if args.json
+                  else exercise_text(rounds, note))
+    if findings:
         return EXIT_FINDINGS
-    if not any(r.verdict == "ok" for r in rounds):
+    if none_ran:
         raise InspectError("no exercise round could run: the children never got a CPU",
                            "run again on a less busy machine, or with a longer --duration")
     return EXIT_OK
@@ -326,9 +330,26 @@ def _terminated(*_: object) -> None:
     raise Terminated()
 
 
+def _fail(args: argparse.Namespace | None, line: str, cause: str, fix: str = "") -> int:
+    """Exit 2: the one line on stderr and, when the command was given ``--json``, the
+    error document (inspector/schemas/error.schema.json) on stdout, so that a consumer
+    of the JSON learns why there is no document."""
+    if getattr(args, "json", None):
+        import json
+
+        from .schema import error_doc
+        try:
+            print_out(json.dumps(error_doc(args.command, cause, fix)), flush=True)
+        except OSError:             # stdout is gone: the line on stderr still says it
+            pass
+    print_out(line, err=True)
+    return EXIT_CANNOT_INSPECT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    args = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)     # usage errors: argparse's message, exit 2
@@ -338,15 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             commands.update(mod.COMMANDS)
         return commands[args.command](args)
     except Terminated:
-        print_out(f"{PROG}: terminated by SIGTERM (children killed, nothing left behind)",
-                  err=True)
-        return EXIT_CANNOT_INSPECT
+        return _fail(args, f"{PROG}: terminated by SIGTERM (children killed, nothing left "
+                     "behind)", "terminated by SIGTERM")
     except InspectError as e:
-        print_out(f"{prefix('error', stream_is_journal(2))}{PROG}: {e.line()}", err=True)
-        return EXIT_CANNOT_INSPECT
+        return _fail(args, f"{prefix('error', stream_is_journal(2))}{PROG}: {e.line()}",
+                     e.cause, e.fix)
     except KeyboardInterrupt:
-        print_out(f"{PROG}: interrupted", err=True)
-        return EXIT_CANNOT_INSPECT
+        return _fail(args, f"{PROG}: interrupted", "interrupted")
     except BrokenPipeError:
         try:
             sys.stdout = open(os.devnull, "w")
@@ -354,16 +373,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return EXIT_OK
     except MemoryError:
-        print_out(f"{PROG}: out of memory: the input is far larger than any real kernel's "
-                  "(or the memory limit is too low)", err=True)
-        return EXIT_CANNOT_INSPECT
+        return _fail(args, f"{PROG}: out of memory: the input is far larger than any real "
+                     "kernel's (or the memory limit is too low)", "out of memory",
+                     "the input is far larger than any real kernel's (or the memory limit "
+                     "is too low)")
     except Exception as e:  # a bug, or input no check anticipated
         if debug:
             import traceback            # only here: it imports _colorize (and dataclasses on 3.14)
             traceback.print_exc()
-        print_out(f"{PROG}: internal error: {type(e).__name__}: {e} (rerun with --debug and "
-                  f"report it)", err=True)
-        return EXIT_CANNOT_INSPECT
+        cause = f"internal error: {type(e).__name__}: {e}"
+        return _fail(args, f"{PROG}: {cause} (rerun with --debug and report it)", cause,
+                     "rerun with --debug and report it")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from .errors import InspectError
 from .fileio import MiB, open_regular, read_bounded
 from .model import format_cpu_list
 from .report import validate_json
+from .schema import schema_file, schema_id
 from .state import load_state
 from .target import open_target
 
@@ -94,15 +95,25 @@ class DiffResult:
 
 #: A validate --json document of 131,072 CPUs is about 40 MiB.
 MAX_JSON = 256 * MiB
-SCHEMA = Path(__file__).with_name("schemas") / "validate.schema.json"
+SCHEMA = Path(schema_file("validate"))
 
 
 def check_validate_doc(doc: object, path: str) -> dict:
     """*doc* if it is a ``validate --json`` document (schemas/validate.schema.json),
     else InspectError naming the first wrong field.  jsonschema (Debian:
     python3-jsonschema) does the checking: the schema is the one description of the
-    document, for the tests, the docs and this input boundary alike."""
+    document, for the tests, the docs and this input boundary alike.  A document of
+    another major version (its ``schema`` key) is refused by name before that."""
     import jsonschema
+    want = schema_id("validate")
+    if isinstance(doc, dict) and doc.get("schema") != want:
+        got = doc.get("schema")
+        raise InspectError(f"{path} is a {str(got)[:60]!r} document, not {want}"
+                           if isinstance(got, str) else
+                           f"{path} has no schema key: it is not a validate --json document "
+                           f"of {want} (espfix-inspect before its JSON was versioned?)",
+                           "pass the output of this version's espfix-inspect validate --json "
+                           "(or a snapshot)")
     schema = json.loads(SCHEMA.read_text())
     validator = jsonschema.Draft7Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
@@ -154,12 +165,12 @@ def _relation(ka: dict, kb: dict) -> str:
 
 
 def _finding_key(f: dict) -> tuple:
-    return (f.get("check"), f.get("severity"), f.get("cpu"), f.get("affects"))
+    return (f.get("check"), f.get("severity"), f.get("cpu"), f.get("cpus"))
 
 
 def _fmt_finding(f: dict) -> str:
     cpu = "" if f.get("cpu") is None else f" cpu{f['cpu']}"
-    aff = f" (CPUs {f['affects']})" if f.get("affects") else ""
+    aff = f" (CPUs {f['cpus']})" if f.get("cpus") else ""
     return f"{f.get('severity')} {f.get('check')}{cpu}{aff}: {f.get('message')}"
 
 
@@ -221,7 +232,7 @@ def _side_json(s: Side) -> dict:
 
 
 def diff_json(res: DiffResult) -> dict:
-    return {"same": res.same, "relation": res.relation, "a": _side_json(res.a),
+    return {"schema": schema_id("diff"), "same": res.same, "relation": res.relation, "a": _side_json(res.a),
             "b": _side_json(res.b), "differences": [d.as_dict() for d in res.differences]}
 
 

@@ -316,7 +316,7 @@ class MemoryCost:
         return self.pages * PAGE_SIZE
 
     def as_dict(self) -> dict:
-        return {"cpus": self.cpus, "stack_pages": self.stack_pages,
+        return {"nr_cpus": self.cpus, "stack_pages": self.stack_pages,
                 "pmd_pages": self.pmd_pages, "pte_pages": self.pte_pages,
                 "pud_pages": 1, "pages": self.pages, "bytes": self.bytes}
 

@@ -1,7 +1,8 @@
 """Rendering: readable tables (tabulate) and JSON documents.
 
 Addresses are hex strings in JSON (64-bit values do not survive JSON numbers
-in most consumers).  The JSON shapes are documented in README.md.
+in most consumers).  Every document starts with its ``schema`` (inspector/schema.py);
+its shape is inspector/schemas/<document>.schema.json.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .jsonfmt import Columns
 from .model import (ESPFIX_STACKS_PER_PAGE, FRAME_WORDS, CpuLayout, GroupLayout, MemoryCost,
                     Randomness, format_cpu_list, group_layouts, layout_columns, memory_cost,
                     page_and_slot)
+from .schema import schema_id
 from .state import EspfixState, FrameUnreadable
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
@@ -26,7 +28,7 @@ if TYPE_CHECKING:         # types only: a --json run imports neither the audit n
     from .exercise import RoundTrip
 
 __all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
-           "stacks_text", "stacks_json", "exercise_text", "exercise_json", "dumps",
+           "stacks_text", "stacks_json", "exercise_text", "exercise_json", "snapshot_json", "dumps",
            "write_layout_json", "write_validate_json", "write_stacks_json"]
 
 CPU_TABLE_LIMIT = 64
@@ -82,7 +84,8 @@ def layout_text(cpus: list[CpuLayout], groups: list[GroupLayout], cost: MemoryCo
 
 def layout_json(cpus: list[CpuLayout], groups: list[GroupLayout], cost: MemoryCost,
                 rnd: Randomness, levels: int) -> dict:
-    return {"page_random": rnd.page_random, "slot_random": rnd.slot_random, "levels": levels,
+    return {"schema": schema_id("layout"), "page_random": rnd.page_random,
+            "slot_random": rnd.slot_random, "levels": levels,
             "cpus": [c.as_dict() for c in cpus], "groups": [g.as_dict() for g in groups],
             "memory": cost.as_dict()}
 
@@ -96,8 +99,8 @@ def write_layout_json(fp: IO[str], cpus: list[int], rnd: Randomness, levels: int
         pages = g["stack_pages"]
         keys = tuple(pages[0]) if pages else ()
         g["stack_pages"] = Columns(keys, [[p[k] for p in pages] for k in keys])
-    jsonfmt.write(fp, {"page_random": rnd.page_random, "slot_random": rnd.slot_random,
-                       "levels": levels,
+    jsonfmt.write(fp, {"schema": schema_id("layout"), "page_random": rnd.page_random,
+                       "slot_random": rnd.slot_random, "levels": levels,
                        "cpus": Columns(tuple(cols), list(cols.values()), hex=("espfix_stack",)),
                        "groups": groups, "memory": memory_cost(cpus).as_dict()})
 
@@ -161,7 +164,8 @@ def _validate_doc(state: EspfixState, result: AuditResult, cpus: list | Columns)
     notes = _dump_notes(state)
     if notes:
         kernel["notes"] = notes
-    return {"ok": result.ok, "summary": _summary(result), "kernel": kernel,
+    return {"schema": schema_id("validate"), "ok": result.ok, "summary": _summary(result),
+            "kernel": kernel,
             "findings": [f.as_dict() for f in result.findings],
             "cpus": cpus}
 
@@ -301,7 +305,7 @@ def write_stacks_json(fp: IO[str], state: EspfixState, cpus: Iterable[int]) -> N
 
 def _stacks_doc(state: EspfixState, cols: Columns, filtered: dict[int, str]) -> dict:
     """The stacks document; its CPUs stay columns unless a crash dump adds to rows."""
-    doc: dict = {"kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
+    doc: dict = {"schema": schema_id("stacks"), "kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
                             "pti": state.info.pti},
                  "cpus": cols}
     crash = _crash_context(state)            # crash dumps only
@@ -386,12 +390,19 @@ def crash_text(crash: CrashContext, cpus: list[int]) -> str:
 
 def exercise_json(rounds: list[RoundTrip], kcore_note: str | None) -> dict:
     from .exercise import COULD_NOT_RUN, FINDING_VERDICTS
-    return {"ok": any(r.verdict == "ok" for r in rounds)
+    return {"schema": schema_id("exercise"), "ok": any(r.verdict == "ok" for r in rounds)
             and not any(r.verdict in FINDING_VERDICTS for r in rounds),
             "could_not_run": sum(r.verdict == COULD_NOT_RUN for r in rounds),
             "kcore_cross_check": kcore_note is None,
             "kcore_note": kcore_note,
             "rounds": [r.as_dict() for r in rounds]}
+
+
+def snapshot_json(summary: dict) -> dict:
+    """``snapshot --json``: what :func:`inspector.snapshot.take_snapshot` wrote."""
+    return {"schema": schema_id("snapshot"), "file": summary["file"], "bytes": summary["bytes"],
+            "segments": summary["segments"], "osrelease": summary["osrelease"],
+            "nr_cpus": summary["cpus"]}
 
 
 def _frame_cell(r: RoundTrip) -> str:

@@ -6,6 +6,13 @@ each INIT and LDT event, the returns through espfix, the init summary
 (:mod:`inspector.trace_summary`) and the end.  :class:`TextTrace` prints lines as bcc's
 tools do (a header, then one line per event); :class:`JsonTrace` prints one JSON object
 per line.  Events are the dicts :mod:`probes.trace` decodes from the BPF ring buffers.
+
+The JSON lines speak ``watch``'s vocabulary (inspector/schema.py): each is
+``{"schema": "espfix-inspect/trace/1", "event": KIND, "time": ISO-8601 UTC, FIELDS}``
+with KIND one of ``start``, ``holder``, ``init``, ``ldt``, ``returns``, ``summary`` and
+``stop`` (the last line); ``init`` and ``ldt`` carry ``elapsed``, the seconds since the
+trace began (inspector/schemas/trace.schema.json).  The probes' own dicts name the kind
+``type``: it becomes ``event`` here, at the JSON boundary.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from __future__ import annotations
 import json
 from typing import Callable, Optional
 
+from .schema import schema_id
 from .trace_summary import InitSummary, render_text, summary_json
+from .watch_events import now_iso
 
 __all__ = ["TraceOutput", "TextTrace", "JsonTrace", "init_line", "ldt_line"]
 
@@ -113,30 +122,36 @@ class TextTrace(TraceOutput):
         self.write(f"ended ({reason}) after {elapsed:.1f} s; probes detached")
 
 
+SCHEMA = schema_id("trace")
+
+
 class JsonTrace(TraceOutput):
-    def _doc(self, doc: dict) -> None:
-        self.write(json.dumps(doc))
+    def _doc(self, event: str, fields: dict) -> None:
+        """One line: schema, event and time first, then *fields* (a probe dict's own
+        ``type`` is the event, not a field)."""
+        self.write(json.dumps({"schema": SCHEMA, "event": event, "time": now_iso(),
+                               **{k: v for k, v in fields.items() if k != "type"}}))
 
     def start(self, tracing: str, missing: list[str], pid: Optional[int],
               duration: Optional[float]) -> None:
-        self._doc({"type": "start", "tracing": tracing, "missing": missing})
+        self._doc("start", {"tracing": tracing, "missing": missing})
 
     def holders(self, holders: list[dict], walked: int, cut: bool) -> None:
         for h in holders:
-            self._doc(h)
+            self._doc("holder", h)
 
     def event(self, ev: dict, elapsed: float) -> None:
         if self.events:
-            self._doc({**{k: v for k, v in ev.items() if k != "ts_ns"},
-                       "t": round(elapsed, 3)})
+            self._doc(ev["type"], {**{k: v for k, v in ev.items() if k != "ts_ns"},
+                                   "elapsed": round(elapsed, 3)})
 
     def returns(self, rows: list[dict], looked: int, counted: int, elapsed: float) -> None:
         for r in rows:
-            self._doc(r)
+            self._doc("returns", r)
 
     def summary(self, s: InitSummary) -> None:
-        self._doc(summary_json(s))
+        self._doc("summary", summary_json(s))
 
     def end(self, reason: str, elapsed: float, looked: int, counted: int) -> None:
-        self._doc({"type": "end", "reason": reason, "seconds": round(elapsed, 3),
-                   "looked": looked, "counted": counted})
+        self._doc("stop", {"reason": reason, "wall_seconds": round(elapsed, 3),
+                           "looked": looked, "counted": counted})

@@ -378,29 +378,32 @@ def render_text(s: InitSummary) -> list[str]:
 
 
 def summary_json(s: InitSummary) -> dict:
-    """The summary as one JSON object (``"type": "summary"``); latencies in ns, the
-    histogram as bcc's ``get_json_hist`` lists buckets (interval-start/-end, count)."""
+    """The fields of ``trace --json``'s ``summary`` line (:class:`inspector.trace_output.
+    JsonTrace` adds schema, event and time); latencies in ns, the histogram as bcc's
+    ``get_json_hist`` lists buckets (interval-start/-end, count), sets of CPUs as
+    CPU-list strings (``64-127``)."""
     L = s.latency
     last = max((i for i, v in enumerate(L.hist_us) if v > 0), default=0)
     hist = [{"interval-start": (1 << i) >> 1 if i > 1 else 0, "interval-end": (1 << i) - 1,
              "count": L.hist_us[i]} for i in range(1, last + 1)]
     lk = s.lock
     return {
-        "type": "summary", "calls": s.calls, "set_up": s.set_up,
+        "calls": s.calls, "set_up": s.set_up,
         "early_return": s.early_return, "not_set": s.not_set,
         "latency_ns": {**L.as_dict(), "by_outcome": {_SHORT[o]: x.as_dict()
                                                      for o, x in s.by_outcome.items()}},
         "histogram": {"val_type": "usecs", "data": hist},
-        "allocations": {k: {"seen": len(s.observed[k]), "cpus": s.observed[k],
+        "allocations": {k: {"seen": len(s.observed[k]), "cpus": format_cpu_list(s.observed[k]),
                             "predicted": len(s.predicted[k]),
-                            "predicted_cpus": s.predicted[k], "layout": s.layout_pages[k]}
+                            "predicted_cpus": format_cpu_list(s.predicted[k]),
+                            "layout": s.layout_pages[k]}
                         for k in ALLOC_KINDS},
         "initialised_before": format_cpu_list(s.before), "before_source": s.before_source,
         "differences": list(s.differences), "match": not s.differences,
         "espfix_init_mutex": {"measured": lk.measured, "why": lk.why or None,
                               "taken": lk.taken, "contended": lk.contended,
                               "wait_ns": lk.total_ns, "max_wait_ns": lk.max_ns,
-                              "waiters": list(lk.waiters)},
+                              "waiters": format_cpu_list(lk.waiters)},
         "control_cpus": [{"cpu": c.cpu, "calls": c.calls, "targets": format_cpu_list(c.targets),
                           "busy_ns": c.busy_ns} for c in s.control],
         "max_in_flight": s.max_in_flight, "span_ns": s.span_ns,

@@ -2,8 +2,9 @@
 
 The round loop (:mod:`inspector.watch`) only builds events; how they look is decided
 here, once for text (one readable line each, the journal's view) and once for JSON (one
-object per line).  ``--json`` objects are ``{"event": KIND, "time": ..., FIELDS}``; the
-fields are the dataclass's, in order.  :func:`event_severity` ranks an event for the
+object per line).  ``--json`` objects are ``{"schema": "espfix-inspect/watch/1", "event":
+KIND, "time": ..., FIELDS}`` (inspector/schemas/watch.schema.json); the fields are the
+dataclass's, in order.  :func:`event_severity` ranks an event for the
 journal (``<3>``/``<4>`` priority prefixes, ``inspector.journal``).
 
 Kinds: ``start``, ``round`` (with its cost), ``finding`` (new/gone), ``hotplug`` (the
@@ -17,6 +18,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Optional
+
+from .schema import schema_id
 
 __all__ = ["Event", "StartEvent", "RoundEvent", "FindingEvent", "HotplugEvent",
            "FrameEvent", "ReloadEvent", "ErrorEvent", "StopEvent", "event_json",
@@ -130,9 +133,12 @@ class StopEvent(Event):
 
 # ---------------------------------------------------------------------------- JSON
 
+SCHEMA = schema_id("watch")
+
+
 def event_json(ev: Event) -> dict[str, Any]:
     """The ``--json`` object of an event."""
-    out: dict[str, Any] = {"event": ev.kind}
+    out: dict[str, Any] = {"schema": SCHEMA, "event": ev.kind}
     for f in fields(ev):
         value = getattr(ev, f.name)
         if value is None and f.metadata.get("omit_none"):

@@ -59,6 +59,7 @@ if ROOT not in sys.path:
 from inspector.cli import main as cli_main  # noqa: E402
 from inspector.elfcore import ElfCore  # noqa: E402
 from inspector.elfwrite import LoadSegment, NoteEntry, write_core  # noqa: E402
+from tests.jsonschemas import loads as checked_loads  # noqa: E402
 
 TIME_LIMIT = 10.0            # seconds per command
 RSS_LIMIT = 1 << 30          # peak resident set of the whole fuzzing process
@@ -155,7 +156,7 @@ def _validate_doc(b: Base, workdir: str) -> dict | None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         rc = cli_main(argv)
-    return json.loads(out.getvalue()) if rc in (0, 1) else None
+    return checked_loads(out.getvalue(), "validate") if rc in (0, 1) else None
 
 
 def _write_inputs(workdir: str, tag: str, core: bytes, symbols: bytes | None,

@@ -1,12 +1,14 @@
-"""A subprocess that prints one JSON object per line, read with deadlines (tests only)."""
+"""A subprocess that prints one JSON object per line, read with deadlines (tests only).
+Each line is checked against the schema it names (tests/jsonschemas.py)."""
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import signal
 import subprocess
 import time
+
+from tests.jsonschemas import loads
 
 
 class JsonLinesProc:
@@ -37,7 +39,7 @@ class JsonLinesProc:
     def until(self, pred, timeout: float = 10.0) -> dict:
         """The first new event for which pred() holds (each stamped with _seen)."""
         for line in self._lines(timeout):
-            ev = json.loads(line)
+            ev = loads(line)
             ev["_seen"] = time.monotonic()
             self.events.append(ev)
             if pred(ev):
@@ -48,7 +50,7 @@ class JsonLinesProc:
 
     def finish(self, timeout: float = 10.0) -> tuple[int, str]:
         rest, err = self.p.communicate(timeout=timeout)
-        self.events += [json.loads(line) for line in (self.buf + rest).splitlines()]
+        self.events += [loads(line) for line in (self.buf + rest).splitlines()]
         return self.p.returncode, err.decode()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> tuple[int, str]:

@@ -118,7 +118,7 @@ def test_numa_remote_ministack(inspect):
     assert {f.cpu for f in remote} == {1, 3}
     assert all(f.details["stack_node"] == 0 for f in remote)
     summary = [f for f in result.findings if f.check == "numa" and f.cpu is None]
-    assert summary[0].details == {"node": 1, "remote_cpus": 2}
+    assert summary[0].details == {"node": 1, "cpus": "1,3"}
     assert result.ok
 
 
@@ -154,7 +154,7 @@ def test_page_fault_marks_every_cpu_on_that_page(inspect):
     _, result = inspect(k)
     assert result.per_cpu_bad == set(range(64))
     hit = find(result, "pte_prot", 0)[0]
-    assert hit.as_dict()["affects"] == "0-63"
+    assert hit.as_dict()["cpus"] == "0-63"
 
 
 def test_group_fault_marks_the_initialised_cpus_of_the_group(inspect):
@@ -174,7 +174,7 @@ def test_espfix_pages_blamed_only_when_walks_and_waddrs_agree(inspect):
     _, result = inspect(k)
     hit = find(result, "espfix_pages", 0)
     assert len(hit) == 1 and "a CPU of this page brought online next" in hit[0].message
-    assert hit[0].as_dict()["affects"] == "0-63"
+    assert hit[0].as_dict()["cpus"] == "0-63"
     for mutate in (f_bad_waddr, f_walk, f_wrong_pte, f_bad_stack):
         k = kernel()
         mutate(k)

@@ -3,12 +3,12 @@ documents, in every combination."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
 from inspector.cli import main
+from tests import jsonschemas
 from tests.conftest import ROOT, kernel
 from tests.faults import BY_NAME
 
@@ -21,7 +21,7 @@ SID = os.path.join(S, "sid-7.x-l5.core")
 
 def run_diff(capsys, *argv: str) -> tuple[int, dict]:
     rc = main(["diff", "--json", *argv])
-    return rc, json.loads(capsys.readouterr().out)
+    return rc, jsonschemas.loads(capsys.readouterr().out)
 
 
 def rows(doc: dict, section: str) -> dict:

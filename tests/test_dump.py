@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from inspector.cli import main
+from tests import jsonschemas
 from tests.mkdump import add_kallsyms, prstatus, write_diskdump, write_elf_vmcore
 from tests.synthcore import build
 
@@ -87,12 +88,12 @@ def test_dump_reads_as_the_core_it_was_taken_from(fmt, percpu, tmp_path, write_k
     rc1, live, _ = _run(capsys, "validate", "--core", core, "--symbols", syms, "--json")
     rc2, off, err = _run(capsys, "validate", "--core", dump, "--json")
     assert rc1 == rc2 == 0, err
-    assert _strip(json.loads(live)) == _strip(json.loads(off))
+    assert _strip(jsonschemas.loads(live)) == _strip(jsonschemas.loads(off))
     _, s1, _ = _run(capsys, "stacks", "--core", core, "--symbols", syms, "--json")
     _, s2, _ = _run(capsys, "stacks", "--core", dump, "--json")
-    assert json.loads(s1)["cpus"] == [{k2: v for k2, v in c.items() if k2 != "crash"}
-                                      for c in json.loads(s2)["cpus"]]
-    assert json.loads(s2)["cpus"][1]["frame"]["rax"] == "0xdead"
+    assert jsonschemas.loads(s1)["cpus"] == [{k2: v for k2, v in c.items() if k2 != "crash"}
+                                      for c in jsonschemas.loads(s2)["cpus"]]
+    assert jsonschemas.loads(s2)["cpus"][1]["frame"]["rax"] == "0xdead"
 
 
 @needs_kdumpfile
@@ -111,7 +112,7 @@ def test_snapshot_of_a_dump_validates_the_same(tmp_path, capsys):
     assert _run(capsys, "snapshot", "--core", dump, "-o", snap)[0] == 0
     _, a, _ = _run(capsys, "stacks", "--core", dump, "--json")
     _, b, _ = _run(capsys, "stacks", "--core", snap, "--json")
-    assert [c["frame"] for c in json.loads(a)["cpus"]] == [c["frame"] for c in json.loads(b)["cpus"]]
+    assert [c["frame"] for c in jsonschemas.loads(a)["cpus"]] == [c["frame"] for c in jsonschemas.loads(b)["cpus"]]
     assert os.path.getsize(snap) < os.path.getsize(dump)
 
 
@@ -124,7 +125,7 @@ def test_zero_ministack_page_filtered(fmt, tmp_path, capsys):
     k.alloc_page(0)                                   # RAM above the stack page
     dump = _dump(k, tmp_path, fmt, drop={k.stack_pa[0]})
     rc, out, _ = _run(capsys, "stacks", "--core", dump, "--json")
-    rows = json.loads(out)["cpus"]
+    rows = jsonschemas.loads(out)["cpus"]
     assert rc == 0 and all(r["frame_state"] == "all zero, filtered" and r["frame"] is None
                            for r in rows)
     rc, text, _ = _run(capsys, "stacks", "--core", dump)
@@ -139,7 +140,7 @@ def test_filtered_page_table_page_is_an_info_finding(tmp_path, capsys):
     pte = next(iter(k.pte_pa.values()))
     dump = _dump(k, tmp_path, "kdump", drop={pte})
     rc, out, err = _run(capsys, "validate", "--core", dump, "--json")
-    doc = json.loads(out)
+    doc = jsonschemas.loads(out)
     skipped = [f for f in doc["findings"] if f["message"].startswith("could not run")]
     assert skipped and all(f["severity"] == "info" for f in skipped), doc["findings"]
     assert {f["check"] for f in skipped} >= {"pte_clones"}
@@ -160,12 +161,12 @@ def test_kallsyms_of_another_boot_is_relocated(name, tmp_path, capsys):
     dump = _dump(k, tmp_path, "kdump")
     rc, out, err = _run(capsys, "validate", "--core", dump, "--symbols", str(saved), "--json")
     assert rc == 0, err
-    doc = json.loads(out)
+    doc = jsonschemas.loads(out)
     delta = k.spec.kaslr_offset - 0x1C000000
     assert any(f"relocated by the KASLR difference {delta:+#x}" in n
                for n in doc["kernel"]["notes"])
     _, plain, _ = _run(capsys, "validate", "--core", dump, "--json")
-    assert _strip(doc) == _strip(json.loads(plain))
+    assert _strip(doc) == _strip(jsonschemas.loads(plain))
 
 
 @needs_kdumpfile
@@ -265,7 +266,7 @@ def test_crash_context_places_rsp_and_rip(fmt, tmp_path, capsys):
     dump = _dump(k, tmp_path, fmt, registers=regs)
     rc, out, err = _run(capsys, "stacks", "--core", dump, "--json")
     assert rc == 0, err
-    doc = json.loads(out)
+    doc = jsonschemas.loads(out)
     crash = {r["cpu"]: r["crash"] for r in doc["cpus"]}
     assert "one per vCPU in order" in doc["crash"]["source"]
     assert crash[0]["mode"] == "user" and crash[0]["verdict"] == "not in espfix"
@@ -299,7 +300,7 @@ def test_crash_notes_in_memory_win_over_note_order(tmp_path, capsys):
     dump = _dump(k, tmp_path, "kdump", registers=[_regs(k, c) for c in (3, 2, 1, 0)])
     rc, out, err = _run(capsys, "stacks", "--core", dump, "--json")
     assert rc == 0, err
-    doc = json.loads(out)
+    doc = jsonschemas.loads(out)
     assert doc["crash"]["panic_cpu"] == 2 and doc["crash"]["source"].startswith("crash_notes")
     crash = {r["cpu"]: r["crash"] for r in doc["cpus"]}
     assert [crash[c]["pid"] for c in range(4)] == [100, 101, 102, 103]
@@ -330,7 +331,7 @@ def test_drgn_reads_the_same_ministack_frames(levels, tmp_path, capsys):
     dump = str(tmp_path / "drgn.elf")
     write_elf_vmcore(k, dump, vmci, [{}] * 4)
     rc, out, _ = _run(capsys, "stacks", "--core", dump, "--json")
-    rows = [c for c in json.loads(out)["cpus"] if c["frame"]]
+    rows = [c for c in jsonschemas.loads(out)["cpus"] if c["frame"]]
     assert rc == 0 and [r["cpu"] for r in rows] == [0, 3]
     from tests.vm.dumpcheck import DRGN_FRAMES
     want = {str(r["cpu"]): r["espfix_stack"] for r in rows}
@@ -367,6 +368,6 @@ def test_qemu_elf_header_quirk_still_reads(tmp_path, write_kernel, capsys):
             f.write(struct.pack("<H", 8))
     rc, out, err = _run(capsys, "stacks", "--core", dump, "--json")
     assert rc == 0, err
-    assert json.loads(out)["cpus"][1]["frame"]["rax"] == "0xdead"
+    assert jsonschemas.loads(out)["cpus"][1]["frame"]["rax"] == "0xdead"
     rc, _, err = _run(capsys, "validate", "--core", core, "--symbols", syms)
     assert rc == 2 and "ELF header size is 8" in err

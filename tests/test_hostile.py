@@ -15,7 +15,7 @@ import pytest
 
 from inspector.cli import main
 from inspector.elfwrite import NoteEntry, write_core
-from tests import fuzz
+from tests import fuzz, jsonschemas
 from tests.conftest import kernel
 
 SAMPLE = os.path.join(fuzz.ROOT, "samples", "bookworm-6.1-l5.core")
@@ -190,15 +190,15 @@ def test_snapshot_metadata_with_wrong_types(capsys, tmp_path, change):
 
 @pytest.mark.parametrize("change", [
     lambda d: d["findings"].append({"check": "x", "severity": "error", "cpu": None,
-                                    "message": "m", "affects": [1]}),
+                                    "message": "m", "cpus": [1]}),
     lambda d: d["cpus"][0].__setitem__("cpu", [0]),
     lambda d: d.__setitem__("kernel", []),
     lambda d: d["cpus"].append("cpu9"),
     lambda d: d.__setitem__("findings", {}),
-], ids=["affects-list", "cpu-list", "kernel-list", "cpu-row-str", "findings-object"])
+], ids=["cpus-list", "cpu-list", "kernel-list", "cpu-row-str", "findings-object"])
 def test_diff_json_with_wrong_types(capsys, tmp_path, change):
     rc, out, _ = run(capsys, "validate", "--json", "--core", SAMPLE)
-    doc = json.loads(out)
+    doc = jsonschemas.loads(out)
     change(doc)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(doc))
@@ -213,7 +213,7 @@ def test_our_own_validate_json_matches_the_schema(capsys):
         if name.endswith(".core"):
             path = os.path.join(os.path.dirname(SAMPLE), name)
             rc, out, _ = run(capsys, "validate", "--json", "--core", path)
-            check_validate_doc(json.loads(out), path)
+            check_validate_doc(jsonschemas.loads(out), path)
 
 
 # -- frames across a page end -------------------------------------------------------
@@ -226,7 +226,7 @@ def test_slot_at_page_offset_0xfe0_is_shown_unreadable(capsys, write_kernel, tmp
     assert rc == 0, err
     assert "cpu 2: frame unreadable: espfix_stack" in out and "across the page end" in out
     rc, out, _ = run(capsys, "stacks", "--json", "--core", core, "--symbols", syms)
-    row = json.loads(out)["cpus"][2]
+    row = jsonschemas.loads(out)["cpus"][2]
     assert row["frame"] is None and "across the page end" in row["frame_error"]
     snap = str(tmp_path / "snap.core")
     rc, _, err = run(capsys, "snapshot", "--core", core, "--symbols", syms, "-o", snap)
@@ -343,7 +343,7 @@ def test_watch_exit_status_reports_failed_textfile_writes(capsys, tmp_path, monk
     rc, out, err = run(capsys, "watch", "--json", "--core", SAMPLE, "--textfile",
                        str(tmp_path), "0.1", "2")
     assert rc == 2
-    events = [json.loads(ln) for ln in out.splitlines()]
+    events = jsonschemas.loads_lines(out)
     rounds = [e for e in events if e["event"] == "round"]
     assert rounds and all(r["textfile"] == {"written": False, "error": rounds[0]["textfile"]
                                             ["error"]} for r in rounds)
@@ -366,7 +366,7 @@ def test_strings_from_a_core_are_escaped_on_the_terminal(capsys, tmp_path, write
 
 def test_diff_messages_from_json_are_escaped(capsys, tmp_path):
     rc, out, _ = run(capsys, "validate", "--json", "--core", SAMPLE)
-    doc = json.loads(out)
+    doc = jsonschemas.loads(out)
     doc["findings"].append({"check": "walk", "severity": "error", "cpu": 0,
                             "message": "\x1b]0;owned\x07\x1b[2J"})
     doc["ok"] = False

@@ -9,7 +9,6 @@ tests/guest/test_deploy.py checks what journald itself made of them.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 from inspector.journal import prefix, stream_is_journal
 from inspector.watch_events import (ErrorEvent, FindingEvent, HotplugEvent, RoundEvent,
                                      StartEvent, event_severity)
+from tests import jsonschemas
 from tests.conftest import ROOT, kernel
 from tests.faults import BY_NAME
 
@@ -125,7 +125,7 @@ def test_watch_prefixes_new_findings(faulted, tmp_path):
     # JSON lines in the journal carry the same priorities
     rc, js, _ = run([*argv, "--json"], tmp_path, True)
     marked = [ln for ln in js.splitlines() if ln.startswith("<3>")]
-    assert marked and all(json.loads(ln[3:])["event"] == "finding" for ln in marked)
+    assert marked and all(jsonschemas.loads(ln[3:])["event"] == "finding" for ln in marked)
 
 
 def _hotplug(ok: bool) -> HotplugEvent:

@@ -155,6 +155,29 @@ def test_validate_page_names_every_check():
     assert set(CHECK_NAMES) <= named, set(CHECK_NAMES) - named
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c])
+def test_json_option_names_its_schema_and_top_level_keys(command):
+    """--json documents its schema id and the top-level keys of that schema's document,
+    so a renamed key (inspector/schemas) fails here until the page follows."""
+    import json
+
+    from inspector.schema import DOCUMENTS, schema_file, schema_id
+    if "--json" not in documented(subparsers()[command])[0]:
+        return
+    tags = sections(page_name(command))["OPTIONS"]
+    (text,) = [plain(t) for t in re.split(r"^\.TP\n", tags, flags=re.M)
+               if t.startswith("\\fB\\-\\-json")]
+    assert command in DOCUMENTS and schema_id(command) in text, text
+    with open(schema_file(command)) as f:
+        schema = json.load(f)
+    if command not in ("watch", "trace"):             # streams: the events are named
+        for key in schema["required"]:
+            assert re.search(rf"\b{key}\b", text), f"{page_name(command)}: --json lacks {key}"
+    else:
+        for ev in schema["properties"]["event"]["enum"]:
+            assert command == "watch" or re.search(rf"\b{ev}\b", text), ev
+
+
 @pytest.mark.skipif(shutil.which("man") is None, reason="man-db is not installed")
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c or "espfix-inspect")
 def test_page_renders_without_warnings(command):

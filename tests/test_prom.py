@@ -8,7 +8,6 @@ after CPU hotplug and an `exercise` run, kept in tests/data/.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 
@@ -19,6 +18,7 @@ from inspector.model import parse_cpu_list
 from inspector.prom import CHECK_NAMES, METRICS, TEXTFILE_NAME, render, write_textfile
 from inspector.watch import RoundResult, Watcher
 from inspector.watch_config import WatchConfig
+from tests import jsonschemas
 from tests.conftest import ROOT, kernel
 from tests.faults import BY_NAME
 
@@ -69,9 +69,9 @@ def watch_textfile(core: str, tmp_path, capsys, *extra: str) -> str:
 def test_real_snapshots_against_validate(core, tmp_path, capsys):
     fams = check_format(watch_textfile(core, tmp_path, capsys))
     assert main(["validate", "--json", "--core", core]) in (0, 1)
-    doc = json.loads(capsys.readouterr().out)
+    doc = jsonschemas.loads(capsys.readouterr().out)
     assert main(["stacks", "--json", "--core", core]) == 0
-    stacks = json.loads(capsys.readouterr().out)
+    stacks = jsonschemas.loads(capsys.readouterr().out)
     k = doc["kernel"]
     assert value(fams, "espfix_inspect_up") == 1
     assert value(fams, "espfix_inspect_validation_ok") == int(doc["ok"])
@@ -108,7 +108,7 @@ def test_every_fault_is_counted_under_a_known_check(fault, write_kernel, tmp_pat
     core, syms = write_kernel(k)
     fams = check_format(watch_textfile(core, tmp_path, capsys, "--symbols", syms))
     assert main(["validate", "--json", "--core", core, "--symbols", syms]) == 1
-    doc = json.loads(capsys.readouterr().out)
+    doc = jsonschemas.loads(capsys.readouterr().out)
     assert value(fams, "espfix_inspect_validation_ok") == 0
     assert value(fams, "espfix_inspect_cpus_bad") == sum(1 for c in doc["cpus"] if not c["ok"])
     for f in doc["findings"]:

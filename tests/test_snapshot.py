@@ -1,8 +1,8 @@
 """snapshot: a small core that validates offline exactly as the source did."""
 
-import json
 
 from inspector.cli import main
+from tests import jsonschemas
 from tests.conftest import kernel
 
 
@@ -12,21 +12,21 @@ def test_snapshot_gives_the_same_findings(capsys, write_kernel, tmp_path):
     k.set_percpu(2, "espfix_waddr", k.get_percpu(2, "espfix_waddr") + 0x1000)   # a finding
     core, syms = write_kernel(k)
     assert main(["validate", "--json", "--core", core, "--symbols", syms]) == 1
-    live = json.loads(capsys.readouterr().out)
+    live = jsonschemas.loads(capsys.readouterr().out)
     snap = str(tmp_path / "snap.core")
     assert main(["snapshot", "--core", core, "--symbols", syms, "-o", snap]) == 0
     capsys.readouterr()
     assert main(["validate", "--json", "--core", snap]) == 1
-    offline = json.loads(capsys.readouterr().out)
+    offline = jsonschemas.loads(capsys.readouterr().out)
     assert offline["findings"] == live["findings"]
     assert offline["cpus"] == live["cpus"]
     for key in ("osrelease", "levels", "pti", "kaslr_offset", "page_offset_base",
                 "cpus_online", "cpus_initialised"):
         assert offline["kernel"][key] == live["kernel"][key]
     assert main(["stacks", "--json", "--core", core, "--symbols", syms]) == 0
-    live_stacks = json.loads(capsys.readouterr().out)
+    live_stacks = jsonschemas.loads(capsys.readouterr().out)
     assert main(["stacks", "--json", "--core", snap]) == 0
-    assert json.loads(capsys.readouterr().out) == live_stacks
+    assert jsonschemas.loads(capsys.readouterr().out) == live_stacks
     assert live_stacks["cpus"][1]["frame"]["ss"] == "0x7"
     size = (tmp_path / "snap.core").stat().st_size
     assert size < 100_000, size

@@ -8,6 +8,7 @@ import pytest
 
 from inspector.cli import main
 from probes import trace as tr
+from tests import jsonschemas
 from tests.synthcore import SynthKernel, SynthSpec
 
 
@@ -195,7 +196,7 @@ class FakeSession:
         e2.after.pud, e2.after.pmd = e1.after.pud, e1.after.pmd
         e2.before.stack = e2.after.stack           # an early return
         self.pending = [tr.init_summary(e1), tr.init_summary(e2),
-                        {"type": "ldt", "ts_ns": now, "pid": 1, "comm": "x", "func": 1,
+                        {"type": "ldt", "ts_ns": now, "pid": 1, "tid": 1, "comm": "x", "func": 1,
                          "ret": 0}]
 
     def ldt_holders(self):
@@ -231,17 +232,29 @@ def fake_trace(mutex_syms, monkeypatch):
 
 
 def test_summary_alone_in_json(fake_trace, capsys):
-    import json
     assert main(["trace", "--json", "--summary", "--no-verify", "--no-returns", "0.2"]) == 0
-    docs = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
-    assert [d["type"] for d in docs] == ["start", "summary", "end"]
+    docs = jsonschemas.loads_lines(capsys.readouterr().out, "trace")
+    assert [d["event"] for d in docs] == ["start", "summary", "stop"]
     s = docs[1]
     assert (s["calls"], s["set_up"], s["early_return"]) == (2, 1, 1)
-    assert s["allocations"]["stack page"]["cpus"] == [64] and s["match"] is True
+    assert s["allocations"]["stack page"]["cpus"] == "64" and s["match"] is True
     assert s["initialised_before"] == "0-1" and s["before_source"] == "test state"
     assert s["espfix_init_mutex"] == {"measured": True, "why": None, "taken": 1,
                                       "contended": 0, "wait_ns": 0, "max_wait_ns": 0,
-                                      "waiters": []}
+                                      "waiters": ""}
+    assert docs[-1]["reason"] == "duration" and docs[-1]["wall_seconds"] >= 0.2
+
+
+def test_events_in_json_speak_watchs_vocabulary(fake_trace, capsys):
+    """Every line: schema, event, time (as watch's lines); init/ldt add elapsed; the
+    probes' own "type" and "ts_ns" do not reach the JSON."""
+    assert main(["trace", "--json", "--no-verify", "--no-returns", "0.2"]) == 0
+    docs = jsonschemas.loads_lines(capsys.readouterr().out, "trace")
+    assert [d["event"] for d in docs] == ["start", "init", "init", "ldt", "summary", "stop"]
+    assert all(list(d)[:3] == ["schema", "event", "time"] for d in docs)
+    assert not any("type" in d or "ts_ns" in d or "t" in d for d in docs)
+    assert [d["target_cpu"] for d in docs[1:3]] == [64, 65]
+    assert all(isinstance(d["elapsed"], float) for d in docs[1:4])
 
 
 def test_events_then_summary_in_text(fake_trace, capsys):

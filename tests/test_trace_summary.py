@@ -5,14 +5,15 @@ and serialization figures, and both renderers.  The live side runs in the VM gue
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
 from inspector import trace_summary as ts
 from inspector.model import memory_cost
+from inspector.trace_output import JsonTrace
 from inspector.trace_summary import Outcome, init_event
+from tests import jsonschemas
 
 SET_UP, EARLY = Outcome.SET_UP.value, Outcome.EARLY_RETURN.value
 
@@ -258,10 +259,12 @@ def test_no_calls():
 
 
 def test_json_shape():
-    doc = json.loads(json.dumps(ts.summary_json(ts.summarize(mass_online(), {0}))))
-    assert doc["type"] == "summary" and doc["match"] is True
-    assert doc["allocations"]["stack page"] == {"seen": 1, "cpus": [64], "predicted": 1,
-                                                "predicted_cpus": [64], "layout": 1}
+    lines: list[str] = []
+    JsonTrace(lines.append).summary(ts.summarize(mass_online(), {0}))
+    doc = jsonschemas.loads(lines[0], "trace")
+    assert doc["event"] == "summary" and doc["match"] is True
+    assert doc["allocations"]["stack page"] == {"seen": 1, "cpus": "64", "predicted": 1,
+                                                "predicted_cpus": "64", "layout": 1}
     hist = doc["histogram"]["data"]
     assert hist[0] == {"interval-start": 0, "interval-end": 1, "count": 0}
     assert hist[-1] == {"interval-start": 32, "interval-end": 63, "count": 71}

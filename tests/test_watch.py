@@ -7,7 +7,6 @@ sent over a local datagram socket, through the same parser and loop as the netli
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from inspector.hotplug import CpuEvent, SysfsPollSource, UeventSource, parse_uev
 from inspector.watch import Watcher
 from inspector.watch_config import WatchConfig, build_config, read_config
 from inspector.watch_events import Event, event_json, event_text
+from tests import jsonschemas
 from tests.conftest import ROOT, kernel
 from tests.faults import BY_NAME
 from tests.jsonproc import JsonLinesProc
@@ -56,7 +56,7 @@ class Sink:
         self.events: list[dict] = []
 
     def __call__(self, ev: Event) -> None:
-        self.events.append(event_json(ev))
+        self.events.append(jsonschemas.check(event_json(ev), "watch"))
         event_text(ev)                  # every event renders
 
     def of(self, kind: str) -> list[dict]:
@@ -345,7 +345,7 @@ def test_cli_json_lines(capsys, write_kernel, tmp_path):
     core, syms = write_kernel(kernel(nr_cpus=4))
     assert main(["watch", "--json", "--core", core, "--symbols", syms,
                  "--textfile", str(tmp_path), "0.1", "2"]) == 0
-    evs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    evs = jsonschemas.loads_lines(capsys.readouterr().out, "watch")
     assert [e["event"] for e in evs] == ["start", "round", "round", "stop"]
     assert evs[1]["cost"]["pages_read"] > 0 and evs[1]["cpus_initialised"] == "0-3"
     assert (tmp_path / "espfix_inspect.prom").exists()

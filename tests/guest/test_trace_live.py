@@ -50,7 +50,7 @@ def start_trace(*args: str) -> subprocess.Popen:
     if not line:
         proc.wait()
         pytest.fail(f"trace did not start: {proc.stderr.read()}")
-    assert json.loads(line)["type"] == "start", line
+    assert json.loads(line)["event"] == "start", line
     return proc
 
 
@@ -117,7 +117,7 @@ def session():
 
 
 def of(events: list[dict], kind: str) -> list[dict]:
-    return [e for e in events if e.get("type") == kind]
+    return [e for e in events if e.get("event") == kind]
 
 
 def test_cpu_cycle_is_an_early_return_and_validates(session):
@@ -161,7 +161,7 @@ def test_espfix_returns_counted_for_the_ldt_child(session):
 
 
 def test_probes_detached_after_sigint(session):
-    end = of(session["events"], "end")[-1]
+    end = of(session["events"], "stop")[-1]
     assert end["reason"] == "Ctrl-C"
     assert kprobes_left() == "", "init_espfix_ap kprobe left behind"
 
@@ -174,7 +174,7 @@ def test_sigterm_ends_cleanly_and_detaches():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert of(events, "end")[-1]["reason"] == "SIGTERM"
+    assert of(events, "stop")[-1]["reason"] == "SIGTERM"
     assert kprobes_left() == ""
 
 
@@ -184,7 +184,7 @@ def test_duration_ends_cleanly_and_detaches():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
-    assert events[0]["type"] == "start" and of(events, "end")[-1]["reason"] == "duration"
+    assert events[0]["event"] == "start" and of(events, "stop")[-1]["reason"] == "duration"
     assert kprobes_left() == ""
 
 

@@ -128,7 +128,7 @@ def runs():
                 p.wait()
     print("\n".join(f"{k}: {v:.1f} s" for k, v in r["times"].items()))
     print(r["header"] + r["text"])          # the README's record comes from here
-    s2 = [d for d in r["docs"] if d.get("type") == "summary"]
+    s2 = [d for d in r["docs"] if d.get("event") == "summary"]
     if s2:
         s2 = s2[-1]
         print(f"second online (--json summary): {s2['calls']} calls, {s2['set_up']} set up, "
@@ -199,11 +199,11 @@ def test_histogram_is_printed(runs):
 
 
 def test_second_online_is_early_returns_only(runs):
-    inits = [d for d in runs["docs"] if d.get("type") == "init"]
+    inits = [d for d in runs["docs"] if d.get("event") == "init"]
     assert sorted(d["target_cpu"] for d in inits) == runs["offline"]
     assert all(d["outcome"] == "early return (espfix_stack already set)" and
                d["allocated"] == [] and not d["mutex"] for d in inits), inits
-    s = [d for d in runs["docs"] if d.get("type") == "summary"][-1]
+    s = [d for d in runs["docs"] if d.get("event") == "summary"][-1]
     assert (s["calls"], s["set_up"], s["early_return"]) == (len(inits), 0, len(inits))
     assert all(a["seen"] == a["predicted"] == a["layout"] == 0
                for a in s["allocations"].values()) and s["match"], s
@@ -215,6 +215,6 @@ def test_second_online_is_early_returns_only(runs):
 
 def test_probes_detached_without_a_soft_lockup(runs):
     assert runs["kprobes1"] == "" and runs["kprobes2"] == ""
-    assert runs["docs"][-1]["type"] == "end" and runs["docs"][-1]["reason"] == "Ctrl-C"
+    assert runs["docs"][-1]["event"] == "stop" and runs["docs"][-1]["reason"] == "Ctrl-C"
     log = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
     assert "soft lockup" not in log, [x for x in log.splitlines() if "lockup" in x]
