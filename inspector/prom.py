@@ -16,25 +16,18 @@ from __future__ import annotations
 
 import os
 
-from .audit import SEVERITIES
+from .audit import FINDING_NAMES, SEVERITIES
 from .fileio import atomic_output
 from .errors import InspectError
 from .watch import RoundResult
 
-__all__ = ["METRICS", "CHECK_NAMES", "TEXTFILE_NAME", "render", "write_textfile",
-           "check_textfile_dir"]
+__all__ = ["METRICS", "TEXTFILE_NAME", "render", "write_textfile", "check_textfile_dir"]
 
 TEXTFILE_NAME = "espfix_inspect.prom"
 
-#: Every check name a Finding can carry (inspector/audit.py); each gets a zero
-#: series per severity so that alerts on "> 0" see a value, not an absence.
-CHECK_NAMES = ("cpu_masks", "kernel_image", "cpu_init", "randomness", "espfix_stack", "espfix_pages", "espfix_waddr",
-               "top_entry", "pud_clones", "pud_prot", "pmd_clones", "pmd_prot",
-               "pte_clones", "pte_prot", "stray_pud", "stray_pte", "walk", "pti_walk",
-               "pti", "numa")
-
 P = "espfix_inspect_"
-#: name as written in the file -> (type, help).  The README's metric table is this dict.
+#: name as written in the file -> (type, help).  docs/metrics.md is generated from this
+#: dict (``python3 -m inspector.gendocs``).
 METRICS: dict[str, tuple[str, str]] = {
     P + "up": ("gauge", "1 if the last round could read the kernel's espfix state, 0 if it "
                         "could not (see the watch log for the cause)."),
@@ -102,7 +95,9 @@ def render(res: RoundResult, frames: bool = True) -> str:
         counts: dict[tuple[str, str], int] = {}
         for f in res.findings:
             counts[(f.check, f.severity)] = counts.get((f.check, f.severity), 0) + 1
-        names = list(CHECK_NAMES) + sorted({c for c, _ in counts} - set(CHECK_NAMES))
+        # every finding name the checks declare (inspector/audit.py FINDING_NAMES) gets
+        # a zero series per severity, so that alerts on "> 0" see a value, not an absence
+        names = list(FINDING_NAMES) + sorted({c for c, _ in counts} - set(FINDING_NAMES))
         d.family(P + "findings", [({"check": c, "severity": s}, counts.get((c, s), 0))
                                   for c in names for s in SEVERITIES])
         d.family(P + "cpus_possible", [({}, len(res.possible))])

@@ -22,7 +22,7 @@ import pytest
 
 from inspector import __version__
 from inspector.cli import build_parser
-from inspector.prom import CHECK_NAMES
+from inspector.audit import FINDING_NAMES
 from tests.conftest import ROOT
 
 MAN = os.path.join(ROOT, "man", "man8")
@@ -152,7 +152,7 @@ def test_the_main_page_lists_every_command():
 def test_validate_page_names_every_check():
     text = plain(sections("espfix-inspect-validate.8")["DESCRIPTION"])
     named = set(re.findall(r"\b[a-z]+(?:_[a-z]+)*\b", text))
-    assert set(CHECK_NAMES) <= named, set(CHECK_NAMES) - named
+    assert set(FINDING_NAMES) <= named, set(FINDING_NAMES) - named
 
 
 @pytest.mark.skipif(shutil.which("man") is None, reason="man-db is not installed")
