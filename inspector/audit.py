@@ -4,7 +4,7 @@ Each check is a small function ``check_<name>(ctx) -> Iterable[Finding]`` that
 declares itself through :func:`check` into the registry :data:`CHECKS`: its name,
 the other finding names it emits, a one-line summary, the severities it can emit and
 the kernel source it holds the state to.  :func:`audit` runs them all.  The metrics
-(:mod:`inspector.prom`), ``docs/checks.md`` (:mod:`inspector.gendocs`) and the tests
+(:mod:`inspector.prom`), ``docs/checks.md`` (``python3 -m tests.gendocs``) and the tests
 take the check names from the registry: :data:`FINDING_NAMES`.  What the checks hold
 the kernel to comes from ``arch/x86/kernel/espfix_64.c`` (``init_espfix_ap()``: the
 clone counts, ``PGTABLE_PROT``, the PTE protection), ``arch/x86/mm/pti.c``
@@ -41,7 +41,7 @@ from .symbols import MASK64
 from .vocab import StrEnum
 
 __all__ = ["Finding", "AuditResult", "audit", "run_check", "check", "CheckInfo", "CHECKS",
-           "FINDING_NAMES", "Severity", "SEVERITIES", "Context",
+           "FINDING_NAMES", "Severity", "SEVERITIES", "SEVERITY_MEANING", "Context",
            "expected_table_flags", "expected_pte_flags"]
 
 
@@ -55,6 +55,13 @@ class Severity(StrEnum):
 
 
 ERROR, WARNING, INFO = Severity.ERROR, Severity.WARNING, Severity.INFO
+#: What each severity means (docs/checks.md).
+SEVERITY_MEANING = {
+    ERROR: "espfix is broken or unsafe here (a finding: exit 1)",
+    WARNING: "odd, not known to be harmful (a finding: exit 1)",
+    INFO: "a fact worth knowing, e.g. CPUs never online, remote-node ministacks "
+          "(not a finding)",
+}
 #: Every severity, most severe first (the order of the metric labels).
 SEVERITIES: tuple[Severity, ...] = tuple(Severity)
 
@@ -289,7 +296,8 @@ def check_kernel_image(ctx: Context) -> Iterable[Finding]:
 
 @check("cpu_init", "An online CPU has a ministack (espfix_stack set); offline "
        "initialised and never-online CPUs are reported as facts.",
-       [ERROR, INFO], "arch/x86/kernel/espfix_64.c init_espfix_ap(), called as a CPU first comes online")
+       [ERROR, INFO], "arch/x86/kernel/espfix_64.c init_espfix_ap(), called as a CPU first "
+       "comes online")
 def check_cpu_init(ctx: Context) -> Iterable[Finding]:
     """Online CPUs must have a ministack; others are reported as facts."""
     never = []
@@ -453,7 +461,8 @@ def _groups(ctx: Context) -> list[int]:
 
 @check("pud_clones", "4 identical present PUD entries per 1024-CPU group, flags "
        "PGTABLE_PROT (P|A|D|NX, read-only); no other present entry in espfix_pud_page.",
-       [ERROR], "arch/x86/kernel/espfix_64.c init_espfix_ap() (ESPFIX_PUD_CLONES, PGTABLE_PROT)",
+       [ERROR], "arch/x86/kernel/espfix_64.c init_espfix_ap() "
+       "(ESPFIX_PUD_CLONES, PGTABLE_PROT)",
        also=("pud_prot", "stray_pud"))
 def check_pud_clones(ctx: Context) -> Iterable[Finding]:
     """4 identical, present, read-only NX PUD entries per group in use, and
@@ -495,7 +504,8 @@ def _group_pmd(ctx: Context, g: int) -> int | None:
 
 @check("pmd_clones", "All 512 PMD entries of a group's PMD page identical, present, "
        "flags PGTABLE_PROT.",
-       [ERROR], "arch/x86/kernel/espfix_64.c init_espfix_ap() (ESPFIX_PMD_CLONES, PGTABLE_PROT)",
+       [ERROR], "arch/x86/kernel/espfix_64.c init_espfix_ap() "
+       "(ESPFIX_PMD_CLONES, PGTABLE_PROT)",
        also=("pmd_prot",))
 def check_pmd_clones(ctx: Context) -> Iterable[Finding]:
     """All 512 PMD entries of a group's PMD page identical, present, RO, NX."""
@@ -526,11 +536,11 @@ def check_pmd_clones(ctx: Context) -> Iterable[Finding]:
 
 
 @check("pte_clones", "32 identical present PTEs every 16th entry per stack page, "
-       "mapping espfix_pages[n], flags __PAGE_KERNEL_RO (never RW or USER); no other present "
-       "PTE in a group's PTE page.",
-       [ERROR], "arch/x86/kernel/espfix_64.c init_espfix_ap() (ESPFIX_PTE_CLONES, __PAGE_KERNEL_RO); since "
-       "f788b71768ff (\"x86/mm: Remove _PAGE_DIRTY from kernel RO pages\") (in v6.6) "
-       "without _PAGE_DIRTY",
+       "mapping espfix_pages[n], flags __PAGE_KERNEL_RO (P|A|D|G|NX, P|A|G|NX since v6.6; "
+       "never RW or USER); no other present PTE in a group's PTE page.",
+       [ERROR], "arch/x86/kernel/espfix_64.c init_espfix_ap() (ESPFIX_PTE_CLONES, "
+       "__PAGE_KERNEL_RO); _PAGE_DIRTY left it in commit f788b71768ff (\"x86/mm: Remove "
+       "_PAGE_DIRTY from kernel RO pages\") (in v6.6)",
        also=("pte_prot", "stray_pte"))
 def check_pte_clones(ctx: Context) -> Iterable[Finding]:
     """Per stack page in use: 32 identical, present PTEs every 16th entry,
@@ -603,7 +613,8 @@ def _why(entry: int) -> str:
 
 @check("walk", "Walking espfix_stack from init_top_pgt (pti_walk: from the PTI user "
        "PGD) reaches the physical page behind espfix_waddr.",
-       [ERROR], "arch/x86/entry/entry_64.S (the espfix IRET path); arch/x86/kernel/espfix_64.c init_espfix_ap()",
+       [ERROR], "arch/x86/entry/entry_64.S (the espfix IRET path); "
+       "arch/x86/kernel/espfix_64.c init_espfix_ap()",
        also=("pti_walk",))
 def check_walk(ctx: Context) -> Iterable[Finding]:
     """The walk of ``espfix_stack`` from init_top_pgt (and from the PTI user
@@ -665,7 +676,8 @@ def check_pti(ctx: Context) -> Iterable[Finding]:
 
 @check("numa", "Ministacks on another NUMA node than their CPU, with a count per "
        "node (a fact: the page is allocated on the node of the first CPU of its 64).",
-       [INFO], "arch/x86/kernel/espfix_64.c init_espfix_ap() (alloc_pages_node(cpu_to_node(cpu)))")
+       [INFO], "arch/x86/kernel/espfix_64.c init_espfix_ap() "
+       "(alloc_pages_node(cpu_to_node(cpu)))")
 def check_numa(ctx: Context) -> Iterable[Finding]:
     """Ministacks on another node than their CPU (a fact, not an error: the
     first CPU of a 64-group allocates the page on its own node)."""

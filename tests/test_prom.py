@@ -51,6 +51,7 @@ def check_format(text: str) -> dict:
         assert fam.samples, fam
         for s in fam.samples:
             assert s.timestamp is None
+            assert tuple(s.labels) == METRICS[name][2], (s, METRICS[name][2])
     for line in text.splitlines():             # no timestamps: "name{labels} value", nothing after
         if not line.startswith("#"):
             assert len(line.rsplit("} ", 1)[-1].split()) in (1, 2)
