@@ -22,7 +22,7 @@ from .errors import InspectError
 from .kallsyms_mem import decode_kallsyms
 from .kdump import DumpCore, DumpMemory
 from .memory import MemorySource
-from .symbols import MASK64, START_KERNEL_MAP, SymbolTable, load_symbols
+from .symbols import MASK64, START_KERNEL_MAP, SymbolKind, SymbolTable, load_symbols
 from .target import KASLR_ALIGN, Target, _vmcoreinfo_symbols, bind_symbols
 from .vmcoreinfo import VmcoreInfo
 
@@ -96,7 +96,7 @@ def _relocate_other_boot(syms: SymbolTable, core: DumpCore,
                          mem: MemorySource) -> tuple[SymbolTable, str] | None:
     """*syms* moved by the one KASLR delta every exported symbol agrees on, or
     None when that is not exact."""
-    if syms.kind not in ("kallsyms", "system.map"):
+    if syms.kind not in (SymbolKind.KALLSYMS, SymbolKind.SYSTEM_MAP):
         return None
     exported = _vmcoreinfo_symbols(core.vmcoreinfo)
     witnesses = [n for n in exported if n in syms and syms[n] >= START_KERNEL_MAP]

@@ -63,6 +63,7 @@ from .ldt import (PTRACE_CONT, PTRACE_O_EXITKILL, PTRACE_SETOPTIONS, PTRACE_TRAC
                   SharedPage, USER32_CS, USER_CS, USER_DS, data16_desc, die_with_parent,
                   getregs, ldt_selector, modify_ldt_write, ptrace, setregs)
 from .state import EspfixState
+from .vocab import StrEnum
 
 SPIN64 = bytes.fromhex("0f3148c1e2204809d04889c3ff060f3148c1e2204809d04889c14829d9"
                        "4889c3483b4e2872e6ff4608483b662074ddff461048896618ebd4")
@@ -90,9 +91,24 @@ STAGES = {1: "sched_setaffinity", 2: "modify_ldt", 3: "ptrace(PTRACE_TRACEME)",
 #: RETRY_MAX_SECONDS each, before it is reported as "could not run".
 RETRY_FACTORS = (4, 16)
 RETRY_MAX_SECONDS = 10.0
+
+
+class Verdict(StrEnum):
+    """The verdict of one round trip (:func:`judge`).  A ``str`` enum: the JSON and the
+    table carry the bare value, spelt as before (``"ok"``, ``"NO-FRAME"``)."""
+
+    OK = "ok"                          # the return happened and nothing leaked
+    LEAK = "LEAK"                      # kernel bits in RSP[31:16] (or any RSP bit, 64-bit)
+    NO_FRAME = "NO-FRAME"              # the ministack does not hold this round's frame
+    CONTROL_FAILED = "CONTROL-FAILED"  # the flat-SS control left a frame in the ministack
+    IDLE = "IDLE"                      # the child never ran its loop (retried)
+    COULD_NOT_RUN = "could not run"    # still idle after the retries: proves nothing
+    UNJUDGED = "?"                     # not judged yet
+
+
 #: Verdicts that are findings (exit 1); "could not run" is not one.
-FINDING_VERDICTS = ("LEAK", "NO-FRAME", "CONTROL-FAILED")
-COULD_NOT_RUN = "could not run"
+FINDING_VERDICTS = (Verdict.LEAK, Verdict.NO_FRAME, Verdict.CONTROL_FAILED)
+COULD_NOT_RUN = Verdict.COULD_NOT_RUN
 
 
 @dataclass(frozen=True)
@@ -127,7 +143,7 @@ class RoundTrip:
     timer_irqs: int | None = None          # /proc/interrupts LOC on that CPU meanwhile
     frame: dict[str, int] | None = None   # the ministack's frame after the round
     frame_checked: bool = False
-    verdict: str = "?"
+    verdict: Verdict = Verdict.UNJUDGED
     reasons: list[str] = field(default_factory=list)
     duration: float = 0.0                  # seconds the child was let run (last attempt)
     attempts: int = 1                      # > 1: the child never ran and the round was retried
@@ -187,14 +203,14 @@ def judge(rt: RoundTrip, mode: Mode, code_range: range) -> None:
                            f"{(f['rsp'] >> 16) & 0xFFFF:#06x}, the child's are "
                            f"{(want >> 16) & 0xFFFF:#06x}")
     if leak:
-        rt.verdict = "LEAK"
+        rt.verdict = Verdict.LEAK
     elif no_frame:
-        rt.verdict = "NO-FRAME" if not mode.flat_ss else "CONTROL-FAILED"
+        rt.verdict = Verdict.NO_FRAME if not mode.flat_ss else Verdict.CONTROL_FAILED
     elif rt.iterations == 0:
-        rt.verdict = "IDLE"
+        rt.verdict = Verdict.IDLE
         reasons.append("the child never ran its loop")
     else:
-        rt.verdict = "ok"
+        rt.verdict = Verdict.OK
     rt.reasons = reasons
 
 
@@ -409,13 +425,13 @@ def exercise(cpus: list[int], duration: float = 0.25,
                     rt = round_trip(page, pid, cpu, mode, lo, duration, threshold, base,
                                     frame_of)
                     for factor in RETRY_FACTORS:
-                        if rt.verdict != "IDLE":
+                        if rt.verdict != Verdict.IDLE:
                             break
                         longer = min(duration * factor, RETRY_MAX_SECONDS)
                         rt = replace(round_trip(page, pid, cpu, mode, lo, longer, threshold,
                                                 base, frame_of), attempts=rt.attempts + 1)
-                    if rt.verdict == "IDLE":
-                        rt.verdict = COULD_NOT_RUN
+                    if rt.verdict == Verdict.IDLE:
+                        rt.verdict = Verdict.COULD_NOT_RUN
                         rt.reasons.append(f"still idle after {rt.attempts} attempts (the "
                                           f"last {rt.duration:g} s): the machine is too "
                                           "busy; this round proves nothing either way")

@@ -45,7 +45,7 @@ import struct
 from typing import Callable
 
 from .errors import InspectError
-from .symbols import MASK64, START_KERNEL_MAP, SymbolTable
+from .symbols import MASK64, START_KERNEL_MAP, SymbolKind, SymbolTable
 
 __all__ = ["KALLSYMS_KEYS", "has_kallsyms_tables", "decode_kallsyms", "KallsymsTables"]
 
@@ -213,7 +213,8 @@ def decode_kallsyms(info: dict[str, str], read: Reader, source: str) -> SymbolTa
         if name not in addresses:
             addresses[name] = a
             types[name] = t
-    table = SymbolTable(f"{source} (kallsyms tables in memory)", "kallsyms", addresses, types)
+    table = SymbolTable(f"{source} (kallsyms tables in memory)", SymbolKind.KALLSYMS,
+                        addresses, types)
     table.kallsyms_form = form                      # type: ignore[attr-defined]
     table.kallsyms_count = len(decoded)             # type: ignore[attr-defined]
     return table

@@ -16,47 +16,48 @@ from __future__ import annotations
 
 import os
 
-from .audit import SEVERITIES
+from .audit import FINDING_NAMES, SEVERITIES
 from .fileio import atomic_output
 from .errors import InspectError
 from .watch import RoundResult
 
-__all__ = ["METRICS", "CHECK_NAMES", "TEXTFILE_NAME", "render", "write_textfile",
-           "check_textfile_dir"]
+__all__ = ["METRICS", "TEXTFILE_NAME", "render", "write_textfile", "check_textfile_dir"]
 
 TEXTFILE_NAME = "espfix_inspect.prom"
 
-#: Every check name a Finding can carry (inspector/audit.py); each gets a zero
-#: series per severity so that alerts on "> 0" see a value, not an absence.
-CHECK_NAMES = ("cpu_masks", "kernel_image", "cpu_init", "randomness", "espfix_stack", "espfix_pages", "espfix_waddr",
-               "top_entry", "pud_clones", "pud_prot", "pmd_clones", "pmd_prot",
-               "pte_clones", "pte_prot", "stray_pud", "stray_pte", "walk", "pti_walk",
-               "pti", "numa")
-
 P = "espfix_inspect_"
-#: name as written in the file -> (type, help).  The README's metric table is this dict.
-METRICS: dict[str, tuple[str, str]] = {
+#: name as written in the file -> (type, help, label names).  docs/metrics.md is generated
+#: from this dict (``python3 -m tests.gendocs``); tests/test_prom.py holds the textfile to it.
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     P + "up": ("gauge", "1 if the last round could read the kernel's espfix state, 0 if it "
-                        "could not (see the watch log for the cause)."),
-    P + "validation_ok": ("gauge", "1 if the last validation found no error and no warning."),
-    P + "findings": ("gauge", "Findings of the last validation, by check and severity."),
-    P + "cpus_possible": ("gauge", "Possible CPUs (the kernel's __cpu_possible_mask)."),
-    P + "cpus_online": ("gauge", "Online CPUs (the kernel's __cpu_online_mask)."),
+                        "could not (see the watch log for the cause).", ()),
+    P + "validation_ok": ("gauge", "1 if the last validation found no error and no warning.",
+                          ()),
+    P + "findings": ("gauge", "Findings of the last validation, by check and severity.",
+                     ("check", "severity")),
+    P + "cpus_possible": ("gauge", "Possible CPUs (the kernel's __cpu_possible_mask).", ()),
+    P + "cpus_online": ("gauge", "Online CPUs (the kernel's __cpu_online_mask).", ()),
     P + "cpus_initialised": ("gauge", "CPUs with a ministack (per-CPU espfix_stack set by "
-                                      "init_espfix_ap())."),
-    P + "cpus_bad": ("gauge", "CPUs whose ministack failed a check in the last validation."),
+                                      "init_espfix_ap()).", ()),
+    P + "cpus_bad": ("gauge", "CPUs whose ministack failed a check in the last validation.",
+                     ()),
     P + "ministack_frame_held": ("gauge", "1 if the CPU's ministack holds an IRET frame: the "
-                                          "CPU took the espfix return path since boot."),
-    P + "espfix_frames_seen_total": ("counter", "Rounds in which the CPU's ministack held a new IRET "
-                                          "frame since watch started; each proves at least one "
-                                          "espfix return on that CPU."),
-    P + "hotplug_events_total": ("counter", "CPU hotplug events seen since watch started, by action "
-                                      "(uevents or changes of the online mask)."),
-    P + "kernel_info": ("gauge", "The inspected kernel: release, paging levels, PTI (value 1)."),
-    P + "rounds_total": ("counter", "Validation rounds run since watch started."),
-    P + "last_run_timestamp_seconds": ("gauge", "Unix time the last round started."),
-    P + "last_run_duration_seconds": ("gauge", "Wall-clock seconds the last round took."),
-    P + "last_run_cpu_seconds": ("gauge", "CPU seconds (user + system) the last round took."),
+                                          "CPU took the espfix return path since boot.",
+                                 ("cpu",)),
+    P + "espfix_frames_seen_total": ("counter", "Rounds in which the CPU's ministack held a new "
+                                                "IRET frame since watch started; each proves at "
+                                                "least one espfix return on that CPU.",
+                                     ("cpu",)),
+    P + "hotplug_events_total": ("counter", "CPU hotplug events seen since watch started, by "
+                                            "action (uevents or changes of the online mask).",
+                                 ("action",)),
+    P + "kernel_info": ("gauge", "The inspected kernel: release, paging levels, PTI (value 1).",
+                        ("osrelease", "levels", "pti")),
+    P + "rounds_total": ("counter", "Validation rounds run since watch started.", ()),
+    P + "last_run_timestamp_seconds": ("gauge", "Unix time the last round started.", ()),
+    P + "last_run_duration_seconds": ("gauge", "Wall-clock seconds the last round took.", ()),
+    P + "last_run_cpu_seconds": ("gauge", "CPU seconds (user + system) the last round took.",
+                                 ()),
 }
 
 
@@ -81,7 +82,7 @@ class _Doc:
         self.lines: list[str] = []
 
     def family(self, name: str, samples: list[tuple[dict[str, str], float | int | bool]]) -> None:
-        mtype, text = METRICS[name]
+        mtype, text, _ = METRICS[name]
         if not samples:
             return
         self.lines.append(f"# HELP {name} {_escape_help(text)}")
@@ -102,7 +103,9 @@ def render(res: RoundResult, frames: bool = True) -> str:
         counts: dict[tuple[str, str], int] = {}
         for f in res.findings:
             counts[(f.check, f.severity)] = counts.get((f.check, f.severity), 0) + 1
-        names = list(CHECK_NAMES) + sorted({c for c, _ in counts} - set(CHECK_NAMES))
+        # every finding name the checks declare (inspector/audit.py FINDING_NAMES) gets
+        # a zero series per severity, so that alerts on "> 0" see a value, not an absence
+        names = list(FINDING_NAMES) + sorted({c for c, _ in counts} - set(FINDING_NAMES))
         d.family(P + "findings", [({"check": c, "severity": s}, counts.get((c, s), 0))
                                   for c in names for s in SEVERITIES])
         d.family(P + "cpus_possible", [({}, len(res.possible))])

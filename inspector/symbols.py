@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterable, Iterator
 from .errors import InspectError
 from .fileio import MiB, open_regular, read_bounded
 from .records import dataclass, field
+from .vocab import StrEnum
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     from elftools.elf.elffile import ELFFile
 
-__all__ = ["START_KERNEL_MAP", "SymbolTable", "load_symbols", "parse_symbol_text",
+__all__ = ["START_KERNEL_MAP", "SymbolKind", "SymbolTable", "load_symbols", "parse_symbol_text",
            "scan_symbol_text", "read_own_lines"]
 
 #: ``__START_KERNEL_map`` (arch/x86/include/asm/page_64_types.h).
@@ -41,12 +42,22 @@ MAX_VMLINUX_SYMBOLS = 4_000_000
 _ADDR = re.compile(r"[0-9a-fA-F]{1,16}\Z")
 
 
+class SymbolKind(StrEnum):
+    """Where a :class:`SymbolTable` came from, which decides how its addresses move
+    with KASLR (:mod:`inspector.target`)."""
+
+    KALLSYMS = "kallsyms"        # /proc/kallsyms: run-time addresses
+    SYSTEM_MAP = "system.map"    # a build's System.map: link-time addresses
+    VMLINUX = "vmlinux"          # a build's vmlinux .symtab: link-time addresses
+    SNAPSHOT = "snapshot"        # kallsyms lines embedded in a snapshot core
+
+
 @dataclass
 class SymbolTable:
     """Name -> address for the kernel image (module symbols are dropped)."""
 
     source: str
-    kind: str                       # "kallsyms", "system.map", "vmlinux", "snapshot"
+    kind: SymbolKind
     addresses: dict[str, int]
     types: dict[str, str] = field(default_factory=dict)
     banner: bytes | None = None     # linux_banner bytes, from a vmlinux
@@ -111,7 +122,7 @@ class SymbolTable:
 DEBIAN_PLACEHOLDER = "The real System.map is in the linux-image"
 
 
-def parse_symbol_text(text: str, source: str, kind: str) -> SymbolTable:
+def parse_symbol_text(text: str, source: str, kind: SymbolKind) -> SymbolTable:
     """Parse kallsyms/System.map text.  Raises InspectError on unusable input."""
     addresses: dict[str, int] = {}
     types: dict[str, str] = {}
@@ -192,7 +203,7 @@ def _kallsyms_lines(text: bytes, names: Iterable[str]) -> Iterator[tuple[str, in
         yield m.group(2).decode("latin-1"), addr, m.group(1).decode("latin-1")
 
 
-def scan_symbol_text(data: bytes, source: str, kind: str, names: Iterable[str],
+def scan_symbol_text(data: bytes, source: str, kind: SymbolKind, names: Iterable[str],
                      reread: Callable[[], bytes] | None = None) -> SymbolTable:
     """Resolve only *names* (plus ``_text``/``_stext``) in kallsyms text, in one
     regular-expression pass over the bytes.
@@ -275,7 +286,7 @@ def _load_vmlinux(path: str, fh) -> SymbolTable:
     if "_text" not in addresses and "_stext" not in addresses:
         raise InspectError(f"{path} has no _text or _stext: not a Linux vmlinux",
                            "pass the vmlinux of the inspected kernel")
-    return SymbolTable(path, "vmlinux", addresses, types, banner)
+    return SymbolTable(path, SymbolKind.VMLINUX, addresses, types, banner)
 
 
 def _vmlinux_banner(elf: ELFFile, addr: int | None) -> bytes | None:
@@ -315,7 +326,7 @@ def load_symbols(path: str, names: Iterable[str] | None = None) -> SymbolTable:
             raise InspectError(f"cannot read {path}: {e.strerror}", fix) from None
     if b"\0" in data[:4096]:
         raise InspectError(f"{path} is neither a vmlinux nor kallsyms/System.map text", fix)
-    kind = "kallsyms" if os.path.basename(path) == "kallsyms" else "system.map"
+    kind = SymbolKind.KALLSYMS if os.path.basename(path) == "kallsyms" else SymbolKind.SYSTEM_MAP
     if names is not None:
         return scan_symbol_text(data, path, kind, names, lambda: _reread(path))
     return parse_symbol_text(data.decode("latin-1"), path, kind)

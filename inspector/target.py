@@ -20,7 +20,8 @@ from .errors import InspectError
 from .fileio import open_regular
 from .memory import CoreMemory, MemorySource
 from .records import dataclass, field
-from .symbols import MASK64, START_KERNEL_MAP, SymbolTable, load_symbols, parse_symbol_text
+from .symbols import (MASK64, START_KERNEL_MAP, SymbolKind, SymbolTable, load_symbols,
+                      parse_symbol_text)
 from .vmcoreinfo import VmcoreInfo
 
 __all__ = ["Target", "open_target", "SNAPSHOT_NOTE", "NT_SYMBOLS", "NT_META",
@@ -82,7 +83,7 @@ def _embedded_symbols(core: ElfCore) -> SymbolTable | None:
     for note in core.notes:
         if note.name == SNAPSHOT_NOTE and note.type == NT_SYMBOLS:
             table = parse_symbol_text(note.desc.decode("latin-1"),
-                                      f"{core.path} (embedded symbols)", "snapshot")
+                                      f"{core.path} (embedded symbols)", SymbolKind.SNAPSHOT)
             return table
     return None
 
@@ -132,7 +133,7 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
     release = info.osrelease or "?"
     exported = _vmcoreinfo_symbols(info)
     offset = info.kernel_offset or 0
-    shifts = [0] if syms.kind in ("kallsyms", "snapshot") else [offset, 0]
+    shifts = [0] if syms.kind in (SymbolKind.KALLSYMS, SymbolKind.SNAPSHOT) else [offset, 0]
     fix = (f"use /proc/kallsyms of the running kernel, or the System.map/vmlinux "
            f"built with the inspected kernel ({release})")
     chosen: SymbolTable | None = None
@@ -140,7 +141,7 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
     # Every compared symbol off by one KASLR-aligned delta: the same build, another boot.
     deltas = {(syms[n] - exported[n]) & ((1 << 64) - 1) for n in exported if n in syms}
     if len(deltas) == 1 and (delta := deltas.pop()) and delta % KASLR_ALIGN == 0 \
-            and syms.kind != "vmlinux":
+            and syms.kind != SymbolKind.VMLINUX:
         signed = delta - (1 << 64) if delta >> 63 else delta
         boot_hint = (f"every symbol VMCOREINFO exports is off by {signed:+#x}, a KASLR "
                      f"slide: it is this build's kallsyms saved during another boot")

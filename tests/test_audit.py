@@ -194,3 +194,137 @@ def test_cleared_espfix_stack_is_not_called_never_initialised(inspect):
     f_not_initialised(k)
     _, result = inspect(k)
     assert "never ran" in find(result, "cpu_init", 3)[0].message
+
+
+# -- the check registry, and checks that do not depend on each other's order ----------
+
+import glob  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+
+from inspector.audit import (CHECKS, FINDING_NAMES, SEVERITIES, Context, Severity,  # noqa: E402
+                             audit, check, run_check)
+from inspector.hostfacts import HostFacts  # noqa: E402
+from inspector.state import load_state  # noqa: E402
+from inspector.target import open_target  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.faults import BY_NAME  # noqa: E402
+
+SAMPLES = sorted(glob.glob(os.path.join(ROOT, "samples", "*.core")))
+#: kernel source files a check may cite (paths as in torvalds/linux)
+KERNEL_SOURCE = re.compile(r"\b(?:arch/x86|kernel|mm|include)/[\w/.-]+\.[chS]\b|arch/x86/Kconfig")
+
+
+def test_registry_declares_every_check_once():
+    names = [c.name for c in CHECKS]
+    assert len(CHECKS) >= 14 and len(set(names)) == len(names)
+    assert FINDING_NAMES == tuple(n for c in CHECKS for n in c.names)
+    assert len(set(FINDING_NAMES)) == len(FINDING_NAMES)
+    for c in CHECKS:
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", c.name) and c.fn.__name__ == f"check_{c.name}"
+        assert c.summary and "\n" not in c.summary and c.summary.endswith("."), c.name
+        assert c.severities and set(c.severities) <= set(Severity), c.name
+        assert all(type(s) is Severity for s in c.severities)
+        assert KERNEL_SOURCE.search(c.source), (c.name, c.source)
+    assert SEVERITIES == (Severity.ERROR, Severity.WARNING, Severity.INFO)
+
+
+def test_registry_refuses_a_name_declared_twice():
+    before = list(CHECKS)
+    for name, also in (("walk", ()), ("brand_new", ("pud_prot",)), ("brand_new", ("brand_new",))):
+        with pytest.raises(ValueError, match="declared twice"):
+            check(name, "A rule.", [Severity.ERROR], "arch/x86/kernel/espfix_64.c",
+                  also)(lambda ctx: iter(()))
+    assert CHECKS == before
+
+
+def fault_kernels():
+    """(id, SynthKernel, host facts): a clean kernel of three groups, each fault of
+    tests/faults.py alone, a misaligned KASLR offset, corrupt CPU masks, remote-node
+    ministacks, and several faults at once in a 3000-CPU kernel (findings of several
+    checks, in several groups)."""
+    out = [("clean-3000", kernel(nr_cpus=3000, pti=True), {})]
+    for name, fault in sorted(BY_NAME.items()):
+        k = kernel(nr_cpus=4, pti=name == "missing-pti")
+        fault(k)
+        out.append((name, k, {}))
+    out.append(("misaligned-kaslr", kernel(kaslr_offset=0x2A401000), {}))
+    k = kernel(nr_cpus=4)
+    k.write_mask("__cpu_possible_mask", [1, 2, 3])
+    out.append(("online-not-possible", k, {}))
+    k = kernel(nodes=2)
+    out.append(("numa", k, k.host_facts()))
+    k = kernel(nr_cpus=3000, pti=True, levels=4, nodes=2)
+    for name in ("stray-pud", "writable-pte", "bad-stack", "statics", "missing-pmd",
+                 "not-initialised", "bad-waddr", "stray-pte", "missing-pti", "walk"):
+        BY_NAME[name](k)
+    out.append(("many-faults", k, k.host_facts()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def states(tmp_path_factory):
+    """(id, EspfixState) of every shipped sample and every synthetic fault kernel."""
+    opened, out = [], []
+    for core in SAMPLES:
+        target = open_target(core, None)
+        opened.append(target)
+        out.append((os.path.basename(core), load_state(target)))
+    d = tmp_path_factory.mktemp("faults")
+    for name, k, host in fault_kernels():
+        core, syms = str(d / f"{name}.core"), str(d / f"{name}.syms")
+        k.write(core, syms, "kallsyms")
+        target = open_target(core, syms)
+        opened.append(target)
+        out.append((name, load_state(target, HostFacts.from_dict(host))))
+    yield out
+    for t in opened:
+        t.close()
+
+
+def by_check(state, order):
+    """Run the checks in *order* on one Context; their findings, by check."""
+    ctx = Context(state)
+    return {c.name: [f.as_dict() for f in run_check(c, ctx)] for c in order}, ctx
+
+
+def test_shuffled_check_order_gives_the_same_findings(states):
+    """The randomisation is worked out in Context before any check runs, so no check
+    depends on another having run first: any order (reversed, shuffled) gives each
+    check the same findings, hence audit() the same report.  With the randomisation
+    worked out inside check_randomness, the checks before it saw no randomness and
+    espfix_stack, the clones and the strays found nothing."""
+    rng = random.Random(10)
+    for name, state in states:
+        result = audit(state)
+        want = [f.as_dict() for f in result.findings]
+        orders = [list(reversed(CHECKS))] + [rng.sample(CHECKS, len(CHECKS)) for _ in range(4)]
+        for order in orders:
+            got, ctx = by_check(state, order)
+            assert [f for c in CHECKS for f in got[c.name]] == want, \
+                (name, [c.name for c in order])
+            assert (ctx.rnd, ctx.rnd_source) == (result.rnd, result.rnd_source)
+        # each check alone, on a fresh Context, finds what it finds among the others
+        for c in CHECKS:
+            alone, _ = by_check(state, [c])
+            assert alone[c.name] == got[c.name], (name, c.name)
+
+
+def test_findings_carry_declared_names_and_severities(states):
+    """Every finding on the samples and fault kernels is named and graded as its check
+    declared (a crash dump's filtered page gives an info "could not run" from any
+    check), and between them they use every declared finding name."""
+    seen = set()
+    for name, state in states:
+        ctx = Context(state)
+        for c in CHECKS:
+            for f in run_check(c, ctx):
+                assert type(f.severity) is Severity, (name, f)
+                assert f.check in c.names, (name, c.name, f.check)
+                assert f.severity in c.severities or (
+                    f.severity is Severity.INFO and "filtered_page" in f.details), (name, f)
+                seen.add(f.check)
+                json.dumps(f.as_dict())
+    assert seen == set(FINDING_NAMES), set(FINDING_NAMES) - seen

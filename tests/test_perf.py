@@ -14,7 +14,7 @@ import pytest
 from inspector import symbols, target
 from inspector.cli import main
 from inspector.errors import InspectError
-from inspector.symbols import parse_symbol_text, scan_symbol_text
+from inspector.symbols import SymbolKind, parse_symbol_text, scan_symbol_text
 from tests.conftest import kernel
 
 # -- kallsyms: the targeted scan --------------------------------------------------------
@@ -39,9 +39,9 @@ def text_with_traps() -> str:
 
 def test_scan_matches_the_full_table():
     text = text_with_traps()
-    full = parse_symbol_text(text, "/proc/kallsyms", "kallsyms")
+    full = parse_symbol_text(text, "/proc/kallsyms", SymbolKind.KALLSYMS)
     names = sorted(full.addresses) + ["absent_symbol", "espfix", "_tex"]
-    table = scan_symbol_text(text.encode(), "/proc/kallsyms", "kallsyms", names)
+    table = scan_symbol_text(text.encode(), "/proc/kallsyms", SymbolKind.KALLSYMS, names)
     for name in names:
         assert table.addresses.get(name) == full.addresses.get(name), name
         assert table.types.get(name) == full.types.get(name), name
@@ -57,9 +57,10 @@ def test_scan_matches_the_full_table():
 ], ids=["empty", "debian-placeholder", "kptr-restrict", "no-text"])
 def test_scan_refuses_what_the_parser_refuses(text):
     with pytest.raises(InspectError) as full:
-        parse_symbol_text(text, "/proc/kallsyms", "kallsyms")
+        parse_symbol_text(text, "/proc/kallsyms", SymbolKind.KALLSYMS)
     with pytest.raises(InspectError) as scan:
-        scan_symbol_text(text.encode(), "/proc/kallsyms", "kallsyms", target.LIVE_SYMBOLS)
+        scan_symbol_text(text.encode(), "/proc/kallsyms", SymbolKind.KALLSYMS,
+                         target.LIVE_SYMBOLS)
     assert scan.value.line() == full.value.line()
 
 

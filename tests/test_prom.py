@@ -15,7 +15,8 @@ import pytest
 
 from inspector.cli import main
 from inspector.model import parse_cpu_list
-from inspector.prom import CHECK_NAMES, METRICS, TEXTFILE_NAME, render, write_textfile
+from inspector.audit import FINDING_NAMES
+from inspector.prom import METRICS, TEXTFILE_NAME, render, write_textfile
 from inspector.watch import RoundResult, Watcher
 from inspector.watch_config import WatchConfig
 from tests import jsonschemas
@@ -50,6 +51,7 @@ def check_format(text: str) -> dict:
         assert fam.samples, fam
         for s in fam.samples:
             assert s.timestamp is None
+            assert tuple(s.labels) == METRICS[name][2], (s, METRICS[name][2])
     for line in text.splitlines():             # no timestamps: "name{labels} value", nothing after
         if not line.startswith("#"):
             assert len(line.rsplit("} ", 1)[-1].split()) in (1, 2)
@@ -79,7 +81,7 @@ def test_real_snapshots_against_validate(core, tmp_path, capsys):
     assert value(fams, "espfix_inspect_cpus_online") == len(parse_cpu_list(k["cpus_online"]))
     assert value(fams, "espfix_inspect_cpus_initialised") == \
         len(parse_cpu_list(k["cpus_initialised"])) if k["cpus_initialised"] else 0
-    for check in CHECK_NAMES:
+    for check in FINDING_NAMES:
         for sev in ("error", "warning", "info"):
             want = sum(1 for f in doc["findings"] if (f["check"], f["severity"]) == (check, sev))
             assert value(fams, "espfix_inspect_findings", check=check, severity=sev) == want
@@ -112,16 +114,19 @@ def test_every_fault_is_counted_under_a_known_check(fault, write_kernel, tmp_pat
     assert value(fams, "espfix_inspect_validation_ok") == 0
     assert value(fams, "espfix_inspect_cpus_bad") == sum(1 for c in doc["cpus"] if not c["ok"])
     for f in doc["findings"]:
-        assert f["check"] in CHECK_NAMES
+        assert f["check"] in FINDING_NAMES
         assert value(fams, "espfix_inspect_findings", check=f["check"],
                      severity=f["severity"]) >= 1
 
 
-def test_check_names_cover_audit_py():
-    src = open(os.path.join(ROOT, "inspector", "audit.py")).read()
-    named = set(re.findall(r'Finding\("(\w+)"', src)) | set(re.findall(r'@check\("(\w+)"\)', src))
-    named |= {w for pair in re.findall(r'name = "(\w+)" if \w+ else "(\w+)"', src) for w in pair}
-    assert named and named <= set(CHECK_NAMES), named - set(CHECK_NAMES)
+def test_every_declared_finding_name_has_a_zero_series(write_kernel, tmp_path, capsys):
+    """The findings family has one series per registry name x severity, in registry
+    order, zeros included (alerts on "> 0" see a value, not an absence)."""
+    core, syms = write_kernel(kernel(nr_cpus=4))
+    text = watch_textfile(core, tmp_path, capsys, "--symbols", syms)
+    series = re.findall(r'^espfix_inspect_findings\{check="(\w+)",severity="(\w+)"\} 0$',
+                        text, re.M)
+    assert series == [(c, s) for c in FINDING_NAMES for s in ("error", "warning", "info")]
 
 
 def test_frames_and_hotplug_counters_after_rounds(write_kernel, tmp_path):
