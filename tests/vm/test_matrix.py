@@ -21,7 +21,7 @@ from .hostenv import HostError
 from .kernels import get_variant, matrix, parse_rows
 from .run import VMError, VMOptions, run_in_vm
 
-GUEST_PYTEST = "python3 -m pytest -q -rs -p no:cacheprovider"
+GUEST_PYTEST = "python3 -m pytest -q -rs -p no:cacheprovider --durations=12"
 ROWS = parse_rows(os.environ["ESPFIX_VM_ROWS"]) if os.environ.get("ESPFIX_VM_ROWS") \
     else matrix()
 #: (kernel, variant) -> (QEMU dump-guest-memory formats, memory for that boot in MiB or
