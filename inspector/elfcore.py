@@ -32,6 +32,7 @@ from .errors import InspectError
 from .fileio import MiB, open_regular
 from .records import dataclass
 from .vmcoreinfo import VmcoreInfo
+from .x86 import MASK64
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["Segment", "Note", "ElfCore", "parse_notes", "parse_vmcoreinfo",
            "check_elf_header", "NO_PADDR", "x86_64_core_headers", "is_vmcore"]
 
-NO_PADDR = (1 << 64) - 1
-MASK64 = (1 << 64) - 1
+#: ``p_paddr`` of a segment with no physical address: -1 (fs/proc/kcore.c, since 4.11).
+NO_PADDR = MASK64
 PT_LOAD = "PT_LOAD"
 PT_NOTE = "PT_NOTE"
 #: Bounds no real core comes near: /proc/kcore has a few hundred program headers

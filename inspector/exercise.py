@@ -60,9 +60,10 @@ from dataclasses import asdict, dataclass, field, replace
 from .errors import InspectError
 from .hostfacts import read_host_facts
 from .ldt import (PTRACE_CONT, PTRACE_O_EXITKILL, PTRACE_SETOPTIONS, PTRACE_TRACEME,
-                  SharedPage, USER32_CS, USER_CS, USER_DS, data16_desc, die_with_parent,
-                  getregs, ldt_selector, modify_ldt_write, ptrace, setregs)
+                  SharedPage, data16_desc, die_with_parent, getregs, modify_ldt_write,
+                  ptrace, setregs)
 from .state import EspfixState
+from .x86 import MASK64, USER32_CS, USER_CS, USER_DS, ldt_selector
 
 SPIN64 = bytes.fromhex("0f3148c1e2204809d04889c3ff060f3148c1e2204809d04889c14829d9"
                        "4889c3483b4e2872e6ff4608483b662074ddff461048896618ebd4")
@@ -363,7 +364,7 @@ def round_trip(page: SharedPage, pid: int, cpu: int, mode: Mode, rsp_low: int,
     regs = type(base_regs).from_buffer_copy(base_regs)
     regs.rip = page.addr + mode.code_off
     regs.cs, regs.ss, regs.rsp, regs.rsi = mode.cs, ss, rsp, data
-    regs.orig_rax = (1 << 64) - 1          # not in a syscall: no restart on resume
+    regs.orig_rax = MASK64                 # -1, not in a syscall: no restart on resume
     regs.eflags = 0x202                    # IF
     regs.ds = regs.es = USER_DS
     setregs(pid, regs)

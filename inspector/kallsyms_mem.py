@@ -45,7 +45,8 @@ import struct
 from typing import Callable
 
 from .errors import InspectError
-from .symbols import MASK64, START_KERNEL_MAP, SymbolTable
+from .symbols import SymbolTable
+from .x86 import MASK64, START_KERNEL_MAP
 
 __all__ = ["KALLSYMS_KEYS", "has_kallsyms_tables", "decode_kallsyms", "KallsymsTables"]
 

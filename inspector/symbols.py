@@ -23,17 +23,15 @@ from collections.abc import Callable, Iterable, Iterator
 from .errors import InspectError
 from .fileio import MiB, open_regular, read_bounded
 from .records import dataclass, field
+from .x86 import MASK64, START_KERNEL_MAP
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     from elftools.elf.elffile import ELFFile
 
-__all__ = ["START_KERNEL_MAP", "SymbolTable", "load_symbols", "parse_symbol_text",
+__all__ = ["SymbolTable", "load_symbols", "parse_symbol_text",
            "scan_symbol_text", "read_own_lines"]
 
-#: ``__START_KERNEL_map`` (arch/x86/include/asm/page_64_types.h).
-START_KERNEL_MAP = 0xFFFFFFFF80000000
-MASK64 = (1 << 64) - 1
 #: A kallsyms or System.map text is a few MiB (about 120,000 lines on Debian 6.1 with
 #: modules); a vmlinux with DWARF is under 1 GiB, and its .symtab a few MiB.
 MAX_SYMBOL_TEXT = 256 * MiB

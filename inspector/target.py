@@ -20,8 +20,9 @@ from .errors import InspectError
 from .fileio import open_regular
 from .memory import CoreMemory, MemorySource
 from .records import dataclass, field
-from .symbols import MASK64, START_KERNEL_MAP, SymbolTable, load_symbols, parse_symbol_text
+from .symbols import SymbolTable, load_symbols, parse_symbol_text
 from .vmcoreinfo import VmcoreInfo
+from .x86 import MASK64, is_image_address, pa_symbol, signed64
 
 __all__ = ["Target", "open_target", "SNAPSHOT_NOTE", "NT_SYMBOLS", "NT_META",
            "KCORE_PATH", "KALLSYMS_PATH", "LIVE_SYMBOLS", "live_symbol_names"]
@@ -66,7 +67,7 @@ class Target:
 
     def pa_symbol(self, vaddr: int) -> int:
         """``__pa_symbol()``: physical address of a kernel-image address."""
-        return (vaddr - START_KERNEL_MAP + self.phys_base) & MASK64
+        return pa_symbol(vaddr, self.phys_base)
 
     def fresh_memory(self) -> None:
         """Start a new page cache on the open core, so that nothing read before is
@@ -123,7 +124,7 @@ KASLR_ALIGN = 0x200000
 def _vmcoreinfo_symbols(info: VmcoreInfo) -> dict[str, int]:
     """The image addresses VMCOREINFO exports, for matching a symbol file."""
     return {name: addr for name, addr in info.symbols.items()
-            if name not in POINTER_VALUED and addr >= START_KERNEL_MAP}
+            if name not in POINTER_VALUED and is_image_address(addr)}
 
 
 def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolTable:
@@ -138,10 +139,10 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
     chosen: SymbolTable | None = None
     mismatch = ""
     # Every compared symbol off by one KASLR-aligned delta: the same build, another boot.
-    deltas = {(syms[n] - exported[n]) & ((1 << 64) - 1) for n in exported if n in syms}
+    deltas = {(syms[n] - exported[n]) & MASK64 for n in exported if n in syms}
     if len(deltas) == 1 and (delta := deltas.pop()) and delta % KASLR_ALIGN == 0 \
             and syms.kind != "vmlinux":
-        signed = delta - (1 << 64) if delta >> 63 else delta
+        signed = signed64(delta)
         boot_hint = (f"every symbol VMCOREINFO exports is off by {signed:+#x}, a KASLR "
                      f"slide: it is this build's kallsyms saved during another boot")
     else:
@@ -181,10 +182,9 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
 def _read_image(core: ElfCore, vaddr: int, syms: SymbolTable, info: VmcoreInfo) -> bytes | None:
     """Read a kernel-image address through its physical alias (vmcores
     without a kernel-text segment)."""
-    if vaddr < START_KERNEL_MAP or info.phys_base is None:
+    if not is_image_address(vaddr) or info.phys_base is None:
         return None
-    pa = (vaddr - START_KERNEL_MAP + info.phys_base) & MASK64
-    return core.read_paddr(pa, 256)
+    return core.read_paddr(pa_symbol(vaddr, info.phys_base), 256)
 
 
 #: The symbols the inspector reads (state.py, snapshot.py ALWAYS, the CONFIG_KALLSYMS_ALL

@@ -1,6 +1,6 @@
 """The layers stay visible: nothing imports a module above it.
 
-model -> memory sources -> walker -> state -> audit/snapshot -> report -> cli
+x86 facts -> model -> memory sources -> walker -> state -> audit/snapshot -> report -> cli
 """
 
 import ast
@@ -11,7 +11,7 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parent.parent / "inspector"
 
 LEVEL = {
-    "errors": 0, "records": 0, "model": 0, "jsonfmt": 0, "fileio": 0, "safetext": 0,
+    "errors": 0, "records": 0, "x86": 0, "model": 0, "jsonfmt": 0, "fileio": 0, "safetext": 0,
     "vmcoreinfo": 0, "journal": 0,
     "elfcore": 1, "symbols": 1, "memory": 1, "target": 1, "hostfacts": 1, "elfwrite": 1, "ldt": 1,
     "pagetable": 2,
