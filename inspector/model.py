@@ -63,6 +63,11 @@ CPUS_PER_GROUP = ESPFIX_STACKS_PER_PAGE * PTE_STRIDE
 #: ``cpu >> CPU_GROUP_SHIFT`` is ``cpu / CPUS_PER_GROUP``.
 CPU_PAGE_SHIFT = (ESPFIX_STACKS_PER_PAGE - 1).bit_length()
 CPU_GROUP_SHIFT = (CPUS_PER_GROUP - 1).bit_length()
+#: A group's stack pages are ``PTE_STRIDE`` consecutive page numbers, so the shuffled
+#: page's bits from ``GROUP_PAGE_SHIFT`` up pick the group's PUD slots, one of
+#: ``PUD_GROUPS`` (:func:`group_pud_index`).
+GROUP_PAGE_SHIFT = CPU_GROUP_SHIFT - CPU_PAGE_SHIFT
+PUD_GROUPS = ESPFIX_PAGE_SPACE >> GROUP_PAGE_SHIFT
 #: Words of the IRET frame the entry code copies to the ministack through
 #: ``espfix_waddr`` (entry_64.S, ``native_irq_return_ldt``), in slot order.
 FRAME_WORDS = ("rax", "rip", "cs", "rflags", "rsp", "ss")
@@ -283,7 +288,7 @@ def group_pud_index(group: int, page_random: int) -> int:
     so the PUD index is ``4 * (page >> 4)`` and bits 30..31 (RSP[31:30])
     select among the 4 clones.
     """
-    return ((group ^ (page_random >> 4)) & 127) * ESPFIX_PUD_CLONES
+    return ((group ^ (page_random >> GROUP_PAGE_SHIFT)) & (PUD_GROUPS - 1)) * ESPFIX_PUD_CLONES
 
 
 def group_layouts(cpus: Iterable[int], rnd: Randomness) -> list[GroupLayout]:

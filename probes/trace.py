@@ -18,6 +18,7 @@ from inspector.errors import InspectError
 from inspector.hostfacts import read_host_facts
 from inspector.symbols import SymbolTable, load_symbols
 from inspector.trace_summary import Outcome
+from inspector import model, x86
 from inspector.x86 import decode_user_desc, ldt_selector
 
 BPF_SOURCE = Path(__file__).resolve().with_name("espfix.bpf.c")
@@ -225,7 +226,20 @@ def program_text(plan: Plan, syms: SymbolTable | None, pid: int | None) -> tuple
         flags.append(f"-DFILTER_PID={pid}")
     flags.append(f"-DTRIGGER_PID={os.getpid()}")
     flags.append(f"-DWALK_CHUNK={WALK_CHUNK}")
+    flags.extend(f"-D{name}={value}" for name, value in layout_defines().items())
     return text, flags
+
+
+def layout_defines() -> dict[str, str]:
+    """The espfix layout and page-table facts the BPF text uses, from their one home
+    (:mod:`inspector.model`, :mod:`inspector.x86`), as C literals."""
+    return {"ESPFIX_STACKS_PER_PAGE": f"{model.ESPFIX_STACKS_PER_PAGE}U",
+            "CPUS_PER_GROUP": f"{model.CPUS_PER_GROUP}U",
+            "GROUP_PAGE_SHIFT": f"{model.GROUP_PAGE_SHIFT}",
+            "PUD_GROUPS": f"{model.PUD_GROUPS}U",
+            "ESPFIX_PUD_CLONES": f"{model.ESPFIX_PUD_CLONES}U",
+            "X86_PAGE_PRESENT": f"{x86.PAGE_PRESENT:#x}ULL",
+            "X86_PTE_PFN_MASK": f"{x86.PTE_PFN_MASK:#018x}ULL"}
 
 
 def ebpf_listing(text: str, flags: list[str]) -> str:
