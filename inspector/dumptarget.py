@@ -88,7 +88,8 @@ def _image_reader(core: DumpCore, mem: MemorySource, info: VmcoreInfo):
     def read(vaddr: int, size: int) -> bytes:
         if not is_image_address(vaddr):
             raise InspectError(f"{core.path}: kallsyms table at {vaddr:#x} is outside the "
-                               "kernel image", "pass --symbols")
+                               "kernel image", "pass the kernel's symbols as {symbols}",
+                               role="symbols", address=vaddr)
         return mem.read_phys(pa_symbol(vaddr, phys_base), size)
     return read
 
@@ -173,7 +174,7 @@ def is_dump(path: str) -> bool:
         from .fileio import open_regular
         from .kdump import raw_elf_layout
         try:
-            with open_regular(path, "core", "check the --core path") as f:
+            with open_regular(path, "core", "check the path given as {core}") as f:
                 e_type, loads, notes = raw_elf_layout(f.fileno(), os.fstat(f.fileno()).st_size)
         except (InspectError, OSError, ValueError):
             raise strict from None

@@ -264,7 +264,7 @@ def setup_error(stage: int, err: int) -> InspectError:
                             "on ptrace, CAP_SYS_PTRACE in containers)")
     if stage == 1:
         return InspectError(f"cannot pin the child to its CPU: {os.strerror(err)}",
-                            "pick online CPUs allowed by this cpuset (--cpu)")
+                            "pick online CPUs allowed by this cpuset ({cpus})", field="cpu")
     return InspectError(f"child setup failed at {name}: {os.strerror(err)}", "see dmesg")
 
 

@@ -96,7 +96,7 @@ def sniff(path: str) -> str | None:
     None for anything else, or for anything that is not a readable regular file
     (the ELF reader then says what is wrong with it)."""
     try:
-        with open_regular(path, "core", "check the --core path") as f:
+        with open_regular(path, "core", "check the path given as {core}") as f:
             head = f.read(16)
     except (InspectError, OSError):
         return None
@@ -428,7 +428,7 @@ def _bit(bmp, pfn: int) -> bool:
 def _open_dump(path: str):
     """(the dump opened as a regular file, its kind): one non-blocking open
     (:func:`~inspector.fileio.open_regular`), nothing read through the name again."""
-    fix = "check the --core path"
+    fix = "check the path given as {core}"
     try:
         fh = open_regular(path, "core", fix)
     except PermissionError:

@@ -258,7 +258,8 @@ def _levels(target: Target, reader: KernelReader) -> int:
         return 5 if reader.u32(sym) else 4
     raise InspectError("cannot tell 4- from 5-level paging: no NUMBER(pgtable_l5_enabled) "
                        "in VMCOREINFO and no __pgtable_l5_enabled symbol",
-                       "pass the kernel's vmlinux with --symbols")
+                       "pass the kernel's vmlinux as {symbols}", role="symbols",
+                       field="pgtable_l5_enabled")
 
 
 def _page_offset_base(target: Target, reader: KernelReader, levels: int) -> int:
@@ -287,14 +288,16 @@ def _need(target: Target, name: str, why: str) -> int:
     if "espfix_stack" not in syms and "init_espfix_ap" in syms:
         raise InspectError(f"{syms.source} has no data symbols ({name} is missing): the kernel "
                            "was built without CONFIG_KALLSYMS_ALL",
-                           "pass --symbols with the kernel's vmlinux or System.map")
+                           "pass the kernel's vmlinux or System.map as {symbols}",
+                           path=syms.source, role="symbols", field=name)
     if "init_espfix_ap" not in syms and "espfix_stack" not in syms and "_text" in syms \
             and name.startswith("espfix"):
         raise InspectError(f"{syms.source} has no espfix symbols: the kernel was built without "
                            "CONFIG_X86_ESPFIX64 (or CONFIG_X86_16BIT=n), so there is no espfix",
                            "nothing to inspect on this kernel")
     raise InspectError(f"symbol {name} ({why}) is not in {syms.source}",
-                       "pass --symbols with the kernel's vmlinux (it has every static)")
+                       "pass the kernel's vmlinux as {symbols} (it has every static)",
+                       path=syms.source, role="symbols", field=name)
 
 
 def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:

@@ -146,7 +146,8 @@ def parse_symbol_text(text: str, source: str, kind: str) -> SymbolTable:
             raise InspectError("/proc/kallsyms shows every address as 0: kptr_restrict hides "
                                "kernel addresses (or the reader lacks CAP_SYSLOG)",
                                "run as root with kernel.kptr_restrict=0 or 1, or pass "
-                               "--symbols with this kernel's System.map or vmlinux")
+                               "this kernel's System.map or vmlinux as {symbols}",
+                               path=source, role="symbols")
         raise InspectError(f"{source} shows every address as 0 (saved from a kallsyms "
                            "hidden by kptr_restrict)",
                            "save it again as root with kernel.kptr_restrict <= 1")
