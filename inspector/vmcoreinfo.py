@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 from .errors import InspectError
-from .x86 import KERNEL_IMAGE_SIZE, PAGE_SHIFT, PHYSICAL_MASK_SHIFT
+from .x86 import KERNEL_IMAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PHYSICAL_MASK_SHIFT
 
 __all__ = ["VmcoreInfo"]
 
@@ -54,7 +54,7 @@ class VmcoreInfo(Mapping):       # of str to str
         self.sme_mask: int | None = self._sme_mask()
         self.page_offset: int | None = self._hex_any("NUMBER(page_offset_base)")
         pagesize = self._number("PAGESIZE", 1, 1 << 31)
-        if pagesize is not None and pagesize != 4096:
+        if pagesize is not None and pagesize != PAGE_SIZE:
             self._bad("PAGESIZE", "x86-64 pages are 4096 bytes")
         self.symbols: dict[str, int] = self._symbols()
 
