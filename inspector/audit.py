@@ -32,13 +32,13 @@ from .model import (CPUS_PER_GROUP, ESPFIX_BASE_ADDR, ESPFIX_PMD_CLONES,
                     ESPFIX_PTE_CLONES, ESPFIX_PUD_CLONES, ESPFIX_STACKS_PER_PAGE,
                     PTE_STRIDE, Randomness, espfix_base_addrs, format_cpu_list,
                     group_pud_index, invert_espfix_stack, pte_slots, pud_slots)
-from .pagetable import (FLAGS_MASK, PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_NX,
-                        PAGE_PRESENT, PAGE_RW, PAGE_USER, decode_flags)
+from .pagetable import decode_flags
 from .errors import PageFiltered
 from .records import dataclass, field
-from .state import DIRECT_MAP_SIZE, EspfixState
-from .symbols import MASK64
+from .state import EspfixState
 from .vocab import StrEnum
+from .x86 import (DIRECT_MAP_SIZE, MASK64, PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_NX,
+                  PAGE_PRESENT, PAGE_RW, PAGE_USER, PTE_FLAGS_MASK)
 
 __all__ = ["Finding", "AuditResult", "audit", "run_check", "check", "CheckInfo", "CHECKS",
            "FINDING_NAMES", "Severity", "SEVERITIES", "SEVERITY_MEANING", "Context",
@@ -172,10 +172,10 @@ class Context:
     @property
     def ptemask(self) -> int:
         m = self.state.info.supported_pte_mask
-        return ((1 << 64) - 1 if m is None else m) & ~self.state.info.sme_mask
+        return (MASK64 if m is None else m) & ~self.state.info.sme_mask
 
     def flags(self, entry: int) -> int:
-        return entry & FLAGS_MASK & ~self.state.info.sme_mask
+        return entry & PTE_FLAGS_MASK & ~self.state.info.sme_mask
 
     def addr(self, entry: int) -> int:
         return self.state.walker.entry_addr(entry)

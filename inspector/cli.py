@@ -13,14 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from . import trace_cli, watch_cli
+from .cliutil import INPUTS, PROG, HelpFormatter, Terminated
 from .errors import EXIT_CANNOT_INSPECT, EXIT_FINDINGS, EXIT_OK, InspectError
 from .journal import prefix, stream_is_journal
 from .safetext import print_out
 from .model import (ESPFIX_MAX_CPUS, Randomness, cpu_layout, format_cpu_list, group_layouts,
                     memory_cost, parse_cpu_list)
 from .target import KCORE_PATH
-
-PROG = "espfix-inspect"
 
 EXAMPLES = """examples:
     espfix-inspect layout --cpus 8 --rand 0x5eed1234abcd   # expected layout, no kernel needed
@@ -38,33 +38,6 @@ EXAMPLES = """examples:
 
 exit status: 0 all good, 1 findings (errors or warnings), 2 could not inspect
 """
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's RawDescriptionHelpFormatter, with the width ``shutil.get_terminal_size()``
-    would give (``$COLUMNS``, else the terminal's, else 80) found without importing
-    shutil: argparse makes a formatter in every ``add_argument`` and its default one
-    imports shutil, 25-180 ms of a live ``validate --json`` under TCG (README,
-    Performance) that never prints help."""
-
-    def __init__(self, prog: str, *args, **kwargs) -> None:
-        if len(args) < 3 and kwargs.get("width") is None:
-            kwargs["width"] = terminal_columns() - 2
-        super().__init__(prog, *args, **kwargs)
-
-
-def terminal_columns() -> int:
-    """``shutil.get_terminal_size().columns``, the same way (Lib/shutil.py)."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
 
 
 def _cpu_list(text: str) -> list[int]:
@@ -171,18 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a negative control: a flat-SS round that must leave no "
                         "ministack frame (needs /proc/kcore)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    for mod in _extensions():
+    for mod in EXTENSIONS:
         mod.add_parser(sub)
     return parser
 
 
 #: Command families kept in their own modules (each has add_parser(sub) and COMMANDS).
-EXTENSIONS: tuple[str, ...] = ("trace_cli", "watch_cli")
-
-
-def _extensions() -> list:
-    import importlib
-    return [importlib.import_module(f".{name}", __package__) for name in EXTENSIONS]
+EXTENSIONS = (trace_cli, watch_cli)
 
 
 def _randomness(args: argparse.Namespace) -> Randomness:
@@ -322,10 +290,6 @@ COMMANDS = {"layout": cmd_layout, "validate": cmd_validate, "stacks": cmd_stacks
             "snapshot": cmd_snapshot, "exercise": cmd_exercise}
 
 
-class Terminated(Exception):
-    """SIGTERM arrived: unwind (finally blocks kill and reap children), then exit 2."""
-
-
 def _terminated(*_: object) -> None:
     raise Terminated()
 
@@ -349,21 +313,24 @@ def _fail(args: argparse.Namespace | None, line: str, cause: str, fix: str = "")
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    args = None
+    args: argparse.Namespace | None = None
+    inputs: dict[str, dict[str, str]] = {}
     try:
         parser = build_parser()
         args = parser.parse_args(argv)     # usage errors: argparse's message, exit 2
         signal.signal(signal.SIGTERM, _terminated)
         commands = dict(COMMANDS)
-        for mod in _extensions():
+        for mod in EXTENSIONS:
             commands.update(mod.COMMANDS)
+            inputs.update(getattr(mod, "COMMAND_INPUTS", {}))
         return commands[args.command](args)
     except Terminated:
         return _fail(args, f"{PROG}: terminated by SIGTERM (children killed, nothing left "
                      "behind)", "terminated by SIGTERM")
     except InspectError as e:
-        return _fail(args, f"{prefix('error', stream_is_journal(2))}{PROG}: {e.line()}",
-                     e.cause, e.fix)
+        words = inputs.get(args.command, INPUTS) if args is not None else INPUTS
+        return _fail(args, f"{prefix('error', stream_is_journal(2))}{PROG}: {e.line(words)}",
+                     e.cause, e.advice(words))
     except KeyboardInterrupt:
         return _fail(args, f"{PROG}: interrupted", "interrupted")
     except BrokenPipeError:

@@ -38,12 +38,12 @@ from .errors import InspectError
 from .kdump import CpuRegisters, parse_prstatus
 from .model import ESPFIX_BASE_ADDR, ESPFIX_STACK_SIZE
 from .state import EspfixState
-from .symbols import MASK64
+from .x86 import MASK64, P4D_SIZE
 
 __all__ = ["CpuCrash", "CrashContext", "crash_context", "ESPFIX_AREA_SIZE"]
 
 #: The espfix area: one top-level slot, 512 GiB from ESPFIX_BASE_ADDR (P4D_SHIFT 39).
-ESPFIX_AREA_SIZE = 1 << 39
+ESPFIX_AREA_SIZE = P4D_SIZE
 #: Bits 16..31 of a ministack address select one of the 65,536 aliases.
 ALIAS_BITS = 0xFFFF0000
 NT_PRSTATUS = 1

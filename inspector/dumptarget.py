@@ -22,9 +22,10 @@ from .errors import InspectError
 from .kallsyms_mem import decode_kallsyms
 from .kdump import DumpCore, DumpMemory
 from .memory import MemorySource
-from .symbols import MASK64, START_KERNEL_MAP, SymbolKind, SymbolTable, load_symbols
+from .symbols import SymbolKind, SymbolTable, load_symbols
 from .target import KASLR_ALIGN, Target, _vmcoreinfo_symbols, bind_symbols
 from .vmcoreinfo import VmcoreInfo
+from .x86 import MASK64, is_image_address, pa_symbol, signed64
 
 __all__ = ["DumpTarget", "open_dump_target", "MIN_RELOCATION_WITNESSES"]
 
@@ -85,10 +86,11 @@ def _image_reader(core: DumpCore, mem: MemorySource, info: VmcoreInfo):
                            "this dump is not from an x86-64 kernel with kexec support")
 
     def read(vaddr: int, size: int) -> bytes:
-        if vaddr < START_KERNEL_MAP:
+        if not is_image_address(vaddr):
             raise InspectError(f"{core.path}: kallsyms table at {vaddr:#x} is outside the "
-                               "kernel image", "pass --symbols")
-        return mem.read_phys((vaddr - START_KERNEL_MAP + phys_base) & MASK64, size)
+                               "kernel image", "pass the kernel's symbols as {symbols}",
+                               role="symbols", address=vaddr)
+        return mem.read_phys(pa_symbol(vaddr, phys_base), size)
     return read
 
 
@@ -99,7 +101,7 @@ def _relocate_other_boot(syms: SymbolTable, core: DumpCore,
     if syms.kind not in (SymbolKind.KALLSYMS, SymbolKind.SYSTEM_MAP):
         return None
     exported = _vmcoreinfo_symbols(core.vmcoreinfo)
-    witnesses = [n for n in exported if n in syms and syms[n] >= START_KERNEL_MAP]
+    witnesses = [n for n in exported if n in syms and is_image_address(syms[n])]
     deltas = {(exported[n] - syms[n]) & MASK64 for n in witnesses}
     if len(witnesses) < MIN_RELOCATION_WITNESSES or len(deltas) != 1:
         return None
@@ -107,7 +109,7 @@ def _relocate_other_boot(syms: SymbolTable, core: DumpCore,
     if not delta or delta % KASLR_ALIGN:
         return None
     moved = bind_symbols(syms.shifted(delta), core, mem)      # banner check included
-    signed = delta - (1 << 64) if delta >> 63 else delta
+    signed = signed64(delta)
     return moved, (f"symbols: {syms.source} is this build's symbol table from another "
                    f"boot; relocated by the KASLR difference {signed:+#x} (all "
                    f"{len(witnesses)} image symbols VMCOREINFO exports agree, linux_banner "
@@ -172,7 +174,7 @@ def is_dump(path: str) -> bool:
         from .fileio import open_regular
         from .kdump import raw_elf_layout
         try:
-            with open_regular(path, "core", "check the --core path") as f:
+            with open_regular(path, "core", "check the path given as {core}") as f:
                 e_type, loads, notes = raw_elf_layout(f.fileno(), os.fstat(f.fileno()).st_size)
         except (InspectError, OSError, ValueError):
             raise strict from None

@@ -32,6 +32,7 @@ from .errors import InspectError
 from .fileio import MiB, open_regular
 from .records import dataclass
 from .vmcoreinfo import VmcoreInfo
+from .x86 import MASK64
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["Segment", "Note", "ElfCore", "parse_notes", "parse_vmcoreinfo",
            "check_elf_header", "NO_PADDR", "x86_64_core_headers", "is_vmcore"]
 
-NO_PADDR = (1 << 64) - 1
-MASK64 = (1 << 64) - 1
+#: ``p_paddr`` of a segment with no physical address: -1 (fs/proc/kcore.c, since 4.11).
+NO_PADDR = MASK64
 PT_LOAD = "PT_LOAD"
 PT_NOTE = "PT_NOTE"
 #: Bounds no real core comes near: /proc/kcore has a few hundred program headers
@@ -179,7 +180,8 @@ class ElfCore:
         if e_type != 4:
             kind = {1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN"}.get(e_type, f"type {e_type}")
             raise InspectError(f"{path} is an ELF file of type {kind}, not a core",
-                               "pass a core (a vmlinux goes to --symbols)")
+                               "pass a core (a vmlinux goes to {symbols})", path=path,
+                               role="core")
         raw = x86_64_core_headers(fh.fileno())       # checked above: bounded reads
         if raw is None:
             raw = self._elftools_headers()
@@ -229,7 +231,8 @@ class ElfCore:
             elf = ELFFile(fh)
             if elf.header["e_type"] != "ET_CORE":
                 raise InspectError(f"{path} is an ELF file of type {elf.header['e_type']}, not a core",
-                                   "pass a core (a vmlinux goes to --symbols)")
+                                   "pass a core (a vmlinux goes to {symbols})", path=path,
+                                   role="core")
             if elf.elfclass != 64 or elf.header["e_machine"] != "EM_X86_64":
                 raise InspectError(f"{path} is not an x86-64 core "
                                    f"({elf.elfclass}-bit, {elf.header['e_machine']})",
@@ -407,14 +410,17 @@ def _read_fix(e: OSError) -> str:
 
 def _open_core(path: str) -> BinaryIO:
     try:
-        return open_regular(path, "core", "pass a core file with --core")
+        return open_regular(path, "core", "pass a core file as {core}")
     except InspectError as e:
         if path == "/proc/kcore" and "does not exist" in e.cause:
             raise InspectError("/proc/kcore does not exist on this kernel "
                                "(CONFIG_PROC_KCORE is off, or /proc is not mounted)",
-                               "inspect a saved core or snapshot with --core FILE") from None
+                               "inspect a saved core or snapshot as {core}", path=path,
+                               role="core") from None
         if "does not exist" in e.cause:
-            raise InspectError(f"{path} does not exist", "check the --core path") from None
+            raise InspectError(f"{path} does not exist", "check the path given as {core}",
+                               path=path, role="core") from None
+        e.path, e.role = path, "core"
         raise
     except PermissionError:
         if path.startswith("/proc/"):

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from .elfcore import NO_PADDR
 from .fileio import atomic_output
+from .x86 import PAGE_MASK, PAGE_SIZE
 
 __all__ = ["LoadSegment", "NoteEntry", "build_notes", "write_core"]
 
@@ -65,7 +66,8 @@ def write_core(path: str, segments: Sequence[LoadSegment], notes: Sequence[NoteE
     offset += len(note_blob)
     placed = []
     for seg in segments:
-        offset = (offset + 4095) & ~4095 if len(seg.data) >= 4096 else (offset + 7) & ~7
+        offset = (offset + PAGE_SIZE - 1) & PAGE_MASK if len(seg.data) >= PAGE_SIZE \
+            else (offset + 7) & ~7
         placed.append(offset)
         offset += len(seg.data)
     ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
@@ -75,7 +77,7 @@ def write_core(path: str, segments: Sequence[LoadSegment], notes: Sequence[NoteE
     for seg, off in zip(segments, placed):
         memsz = max(seg.memsz or 0, len(seg.data))
         phdrs.append(struct.pack("<IIQQQQQQ", PT_LOAD, 7, off, seg.vaddr, seg.paddr,
-                                 len(seg.data), memsz, 4096))
+                                 len(seg.data), memsz, PAGE_SIZE))
     with atomic_output(path, mode) as fh:
         fh.write(ehdr)
         fh.write(b"".join(phdrs))

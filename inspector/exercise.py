@@ -60,10 +60,11 @@ from dataclasses import asdict, dataclass, field, replace
 from .errors import InspectError
 from .hostfacts import read_host_facts
 from .ldt import (PTRACE_CONT, PTRACE_O_EXITKILL, PTRACE_SETOPTIONS, PTRACE_TRACEME,
-                  SharedPage, USER32_CS, USER_CS, USER_DS, data16_desc, die_with_parent,
-                  getregs, ldt_selector, modify_ldt_write, ptrace, setregs)
+                  SharedPage, data16_desc, die_with_parent, getregs, modify_ldt_write,
+                  ptrace, setregs)
 from .state import EspfixState
 from .vocab import StrEnum
+from .x86 import MASK64, USER32_CS, USER_CS, USER_DS, ldt_selector
 
 SPIN64 = bytes.fromhex("0f3148c1e2204809d04889c3ff060f3148c1e2204809d04889c14829d9"
                        "4889c3483b4e2872e6ff4608483b662074ddff461048896618ebd4")
@@ -279,7 +280,7 @@ def setup_error(stage: int, err: int) -> InspectError:
                             "on ptrace, CAP_SYS_PTRACE in containers)")
     if stage == 1:
         return InspectError(f"cannot pin the child to its CPU: {os.strerror(err)}",
-                            "pick online CPUs allowed by this cpuset (--cpu)")
+                            "pick online CPUs allowed by this cpuset ({cpus})", field="cpu")
     return InspectError(f"child setup failed at {name}: {os.strerror(err)}", "see dmesg")
 
 
@@ -379,7 +380,7 @@ def round_trip(page: SharedPage, pid: int, cpu: int, mode: Mode, rsp_low: int,
     regs = type(base_regs).from_buffer_copy(base_regs)
     regs.rip = page.addr + mode.code_off
     regs.cs, regs.ss, regs.rsp, regs.rsi = mode.cs, ss, rsp, data
-    regs.orig_rax = (1 << 64) - 1          # not in a syscall: no restart on resume
+    regs.orig_rax = MASK64                 # -1, not in a syscall: no restart on resume
     regs.eflags = 0x202                    # IF
     regs.ds = regs.es = USER_DS
     setregs(pid, regs)

@@ -2,7 +2,7 @@
 
 Every file espfix-inspect reads may come from another machine and be hostile, and the
 tool runs as root.  So an input is opened without blocking (``O_NONBLOCK``: a FIFO
-given as ``--core`` would otherwise hang in ``open()``), checked to be a regular file on
+given as the core would otherwise hang in ``open()``), checked to be a regular file on
 the open descriptor (no race with a rename), and read with a size bound.  The kernel's
 own files that are meant (``/proc/kcore``, ``/proc/kallsyms``) are regular files in
 procfs and pass the same check.

@@ -45,7 +45,8 @@ import struct
 from typing import Callable
 
 from .errors import InspectError
-from .symbols import MASK64, START_KERNEL_MAP, SymbolKind, SymbolTable
+from .symbols import SymbolKind, SymbolTable
+from .x86 import MASK64, START_KERNEL_MAP
 
 __all__ = ["KALLSYMS_KEYS", "has_kallsyms_tables", "decode_kallsyms", "KallsymsTables"]
 
@@ -55,6 +56,8 @@ KALLSYMS_KEYS = ("kallsyms_names", "kallsyms_num_syms", "kallsyms_token_table",
 MAX_SYMS = 4_000_000          # Debian's 6.1 has about 190,000 with KALLSYMS_ALL
 MAX_NAMES_BYTES = 64 << 20
 CHUNK = 1 << 16
+#: The fix when the dump's own kallsyms tables cannot be used ({symbols}: the CLI's words).
+PASS_SYMBOLS = "pass the kernel's System.map or vmlinux as {symbols}"
 #: Symbol types /proc/kallsyms shows (nm's letters).
 VALID_TYPES = frozenset("ABbCDdGgiNnpRrSsTtUuVvWw?")
 
@@ -86,7 +89,7 @@ class KallsymsTables:
         self.num_syms = struct.unpack("<I", read(_sym(info, "kallsyms_num_syms"), 4))[0]
         if not 0 < self.num_syms <= MAX_SYMS:
             raise InspectError(f"{source}: kallsyms_num_syms reads as {self.num_syms}",
-                               "the dump is damaged; pass --symbols")
+                               "the dump is damaged; " + PASS_SYMBOLS)
         self.token_index = struct.unpack("<256H", read(_sym(info, "kallsyms_token_index"), 512))
         self.tokens = self._tokens(_sym(info, "kallsyms_token_table"))
 
@@ -94,14 +97,14 @@ class KallsymsTables:
         size = max(self.token_index) + 1024
         if size > 1 << 20:
             raise InspectError(f"{self.source}: kallsyms_token_index points {size:#x} bytes "
-                               "into the token table", "the dump is damaged; pass --symbols")
+                               "into the token table", "the dump is damaged; " + PASS_SYMBOLS)
         blob = self.read(table, size)
         out = []
         for i in self.token_index:
             end = blob.find(b"\0", i)
             if end < 0:
                 raise InspectError(f"{self.source}: a kallsyms token is not NUL-terminated",
-                                   "the dump is damaged; pass --symbols")
+                                   "the dump is damaged; " + PASS_SYMBOLS)
             out.append(blob[i:end])
         return out
 
@@ -179,7 +182,7 @@ def decode_kallsyms(info: dict[str, str], read: Reader, source: str) -> SymbolTa
             f"{source}: VMCOREINFO has no kallsyms tables (SYMBOL(kallsyms_names) and the "
             f"rest are exported since Linux 6.0, commits 5fd8fea935a1 and f09bddbd8661): "
             f"kernel {release} is older, or built without CONFIG_KALLSYMS",
-            f"pass --symbols with this kernel's System.map or vmlinux (Debian: "
+            f"pass this kernel's System.map or vmlinux as {{symbols}} (Debian: "
             f"linux-image-{release}-dbg), or its /proc/kallsyms saved on the same build")
     tables = KallsymsTables(info, read, source)
     decoded = tables.names(big=True)
@@ -187,7 +190,7 @@ def decode_kallsyms(info: dict[str, str], read: Reader, source: str) -> SymbolTa
         decoded = tables.names(big=False)         # a 6.0 kernel: one length byte
     if decoded is None:
         raise InspectError(f"{source}: the kallsyms name table of {release} does not decode",
-                           "the dump is damaged or the format is new: pass --symbols")
+                           "the dump is damaged or the format is new: " + PASS_SYMBOLS)
     exported = {k[7:-1]: int(v, 16) for k, v in info.items()
                 if k.startswith("SYMBOL(") and k.endswith(")") and _is_hex(v)}
     first: dict[str, int] = {}
@@ -196,7 +199,7 @@ def decode_kallsyms(info: dict[str, str], read: Reader, source: str) -> SymbolTa
     checks = {n: a for n, a in exported.items() if n in first and a >= START_KERNEL_MAP}
     if "_stext" not in checks:
         raise InspectError(f"{source}: _stext is not both in VMCOREINFO and kallsyms, so the "
-                           "kallsyms addresses cannot be checked", "pass --symbols")
+                           "kallsyms addresses cannot be checked", PASS_SYMBOLS)
     chosen = None
     for form, addrs in tables.addresses().items():
         if all(addrs[first[n]] == a for n, a in checks.items()):
@@ -205,7 +208,7 @@ def decode_kallsyms(info: dict[str, str], read: Reader, source: str) -> SymbolTa
     if chosen is None:
         raise InspectError(f"{source}: no reading of kallsyms_offsets agrees with the "
                            f"symbols VMCOREINFO exports ({', '.join(sorted(checks))})",
-                           "the dump is damaged or the format is new: pass --symbols")
+                           "the dump is damaged or the format is new: " + PASS_SYMBOLS)
     form, addrs = chosen
     addresses: dict[str, int] = {}
     types: dict[str, str] = {}

@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 from .elfcore import NO_PADDR, ElfCore, Note, is_vmcore, parse_notes, parse_vmcoreinfo
 from .errors import InspectError, PageFiltered
 from .fileio import open_regular
-from .memory import PAGE_MASK, PAGE_SIZE, CoreMemory
+from .memory import CoreMemory
+from .x86 import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 
 __all__ = ["DumpCore", "DumpMemory", "CpuRegisters", "sniff", "is_vmcore",
            "import_kdumpfile", "DISKDUMP_SIGNATURE", "FLAT_SIGNATURE", "REGISTER_NAMES"]
@@ -95,7 +96,7 @@ def sniff(path: str) -> str | None:
     None for anything else, or for anything that is not a readable regular file
     (the ELF reader then says what is wrong with it)."""
     try:
-        with open_regular(path, "core", "check the --core path") as f:
+        with open_regular(path, "core", "check the path given as {core}") as f:
             head = f.read(16)
     except (InspectError, OSError):
         return None
@@ -309,7 +310,7 @@ class DumpCore:
         end = paddr + size
         while addr < end:
             n = min(end, (addr & PAGE_MASK) + PAGE_SIZE) - addr
-            if self._file_map is not None and not _bit(self._file_map, addr >> 12):
+            if self._file_map is not None and not _bit(self._file_map, addr >> PAGE_SHIFT):
                 # not saved in the file (libkdumpfile 0.5.1 reads a hole between two
                 # ELF PT_LOADs as zeros; its file page map says the truth)
                 return None
@@ -326,7 +327,7 @@ class DumpCore:
     def page_state(self, paddr: int) -> str:
         """``"present"``, ``"filtered"`` (RAM the dump did not save) or
         ``"absent"`` (not RAM as far as the dump knows)."""
-        pfn = paddr >> 12
+        pfn = paddr >> PAGE_SHIFT
         if _bit(self._file_map, pfn):
             return "present"
         if self.kind == "elf":
@@ -427,7 +428,7 @@ def _bit(bmp, pfn: int) -> bool:
 def _open_dump(path: str):
     """(the dump opened as a regular file, its kind): one non-blocking open
     (:func:`~inspector.fileio.open_regular`), nothing read through the name again."""
-    fix = "check the --core path"
+    fix = "check the path given as {core}"
     try:
         fh = open_regular(path, "core", fix)
     except PermissionError:
@@ -532,7 +533,7 @@ class DumpMemory(CoreMemory):
                 raise self._missing(base)
             self._pages[base] = page = data
             self.stats.pages_read += 1
-            self.stats.page_fetches[base >> 12] += 1
+            self.stats.page_fetches[base >> PAGE_SHIFT] += 1
         return page
 
     def read_phys(self, paddr: int, size: int) -> bytes:

@@ -4,10 +4,9 @@ Only user-space state is touched: the child's own LDT, a page of its own memory 
 registers.  Nothing here reads or writes kernel memory.
 
 Facts:
-- ``struct user_desc`` and its bit fields: arch/x86/include/uapi/asm/ldt.h.  An LDT
-  selector is ``(entry << 3) | 4 (TI) | 3 (RPL)``.
+- ``struct user_desc``: arch/x86/include/uapi/asm/ldt.h (its bit fields, the LDT
+  selector and the user selectors are x86 facts: :mod:`inspector.x86`).
 - ``struct user_regs_struct`` (27 x u64): arch/x86/include/asm/user_64.h.
-- __USER_CS 0x33, __USER32_CS 0x23, __USER_DS 0x2b: arch/x86/include/asm/segment.h.
 """
 
 from __future__ import annotations
@@ -27,22 +26,11 @@ PR_SET_PDEATHSIG = 1            # include/uapi/linux/prctl.h
 PROT_RWX = 0x1 | 0x2 | 0x4
 MAP_SHARED, MAP_ANONYMOUS, MAP_32BIT = 0x01, 0x20, 0x40
 
-USER_CS, USER32_CS, USER_DS = 0x33, 0x23, 0x2B
-SELECTOR_TI = 0x4               # table indicator: the selector names an LDT entry
-
-
-def ldt_selector(entry: int) -> int:
-    return (entry << 3) | SELECTOR_TI | 3
-
-
 class UserDesc(ctypes.Structure):
-    """``struct user_desc``; the bit fields packed into one unsigned int."""
+    """``struct user_desc``; the bit fields packed into one unsigned int
+    (:data:`inspector.x86.USER_DESC_FIELDS`)."""
     _fields_ = [("entry_number", ctypes.c_uint), ("base_addr", ctypes.c_uint),
                 ("limit", ctypes.c_uint), ("flags", ctypes.c_uint)]
-
-    # flag bits, in ldt.h order
-    SEG_32BIT, CONTENTS_SHIFT, READ_EXEC_ONLY, LIMIT_IN_PAGES = 1, 1, 8, 16
-    SEG_NOT_PRESENT, USEABLE, LM = 32, 64, 128
 
 
 def data16_desc(entry: int) -> UserDesc:

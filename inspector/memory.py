@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from .elfcore import ElfCore
 from .errors import InspectError
 from .records import dataclass, field
+from .x86 import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
@@ -29,9 +30,6 @@ else:
     Protocol = object           # an interface for readers and type checkers only
 
 __all__ = ["MemorySource", "CoreMemory", "RecordingMemory", "ReadStats", "PAGE_SIZE"]
-
-PAGE_SIZE = 4096
-PAGE_MASK = ~(PAGE_SIZE - 1)
 
 
 @dataclass
@@ -91,7 +89,7 @@ class CoreMemory:
                     "snapshot); capture it with espfix-inspect snapshot or makedumpfile -d 0")
             self._pages[base] = page = data
             self.stats.pages_read += 1
-            self.stats.page_fetches[base >> 12] += 1
+            self.stats.page_fetches[base >> PAGE_SHIFT] += 1
         return page
 
     def invalidate(self, paddr: int) -> None:

@@ -22,6 +22,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 
 from .records import dataclass
+from .x86 import (MASK64, P4D_SHIFT, P4D_SIZE, PAGE_SHIFT, PAGE_SIZE, PGDIR_SHIFT_L4,
+                  PGDIR_SHIFT_L5, PMD_SHIFT, PTRS_PER_PMD, PTRS_PER_PTE, PTRS_PER_TABLE,
+                  PUD_SHIFT)
 
 __all__ = [
     "PAGE_SIZE", "PAGE_SHIFT", "ESPFIX_BASE_ADDR", "ESPFIX_STACK_SIZE",
@@ -33,10 +36,6 @@ __all__ = [
     "parse_cpu_list", "format_cpu_list", "group_pud_index", "page_and_slot",
     "is_espfix_address", "espfix_base_addrs", "layout_columns",
 ]
-
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-MASK64 = (1 << 64) - 1
 
 #: ``ESPFIX_BASE_ADDR`` = ``ESPFIX_PGD_ENTRY << P4D_SHIFT`` with
 #: ``ESPFIX_PGD_ENTRY = -2``: 0xffffff0000000000 for both paging modes
@@ -53,9 +52,9 @@ ESPFIX_MAX_CPUS = ESPFIX_STACKS_PER_PAGE * ESPFIX_PAGE_SPACE
 #: ``PTE_STRIDE = 65536 / PAGE_SIZE``: every 16th PTE maps the same page.
 PTE_STRIDE = 65536 // PAGE_SIZE
 #: ``ESPFIX_PTE_CLONES = PTRS_PER_PTE / PTE_STRIDE``.
-ESPFIX_PTE_CLONES = 512 // PTE_STRIDE
+ESPFIX_PTE_CLONES = PTRS_PER_PTE // PTE_STRIDE
 #: ``ESPFIX_PMD_CLONES = PTRS_PER_PMD``.
-ESPFIX_PMD_CLONES = 512
+ESPFIX_PMD_CLONES = PTRS_PER_PMD
 #: ``ESPFIX_PUD_CLONES = 65536 / (ESPFIX_PTE_CLONES * ESPFIX_PMD_CLONES)``.
 ESPFIX_PUD_CLONES = 65536 // (ESPFIX_PTE_CLONES * ESPFIX_PMD_CLONES)
 #: CPUs that share one PUD slot group, one PMD page and one PTE page.
@@ -64,11 +63,20 @@ CPUS_PER_GROUP = ESPFIX_STACKS_PER_PAGE * PTE_STRIDE
 #: ``cpu >> CPU_GROUP_SHIFT`` is ``cpu / CPUS_PER_GROUP``.
 CPU_PAGE_SHIFT = (ESPFIX_STACKS_PER_PAGE - 1).bit_length()
 CPU_GROUP_SHIFT = (CPUS_PER_GROUP - 1).bit_length()
+#: A group's stack pages are ``PTE_STRIDE`` consecutive page numbers, so the shuffled
+#: page's bits from ``GROUP_PAGE_SHIFT`` up pick the group's PUD slots, one of
+#: ``PUD_GROUPS`` (:func:`group_pud_index`).
+GROUP_PAGE_SHIFT = CPU_GROUP_SHIFT - CPU_PAGE_SHIFT
+PUD_GROUPS = ESPFIX_PAGE_SPACE >> GROUP_PAGE_SHIFT
 #: Words of the IRET frame the entry code copies to the ministack through
 #: ``espfix_waddr`` (entry_64.S, ``native_irq_return_ldt``), in slot order.
 FRAME_WORDS = ("rax", "rip", "cs", "rflags", "rsp", "ss")
 
-_SHIFTS = {"pgd4": 39, "pgd5": 48, "p4d": 39, "pud": 30, "pmd": 21, "pte": 12}
+#: Page-table index shifts by level (:mod:`inspector.x86`); "pgd4"/"pgd5" are the
+#: PGD's for 4- and 5-level paging.
+_SHIFTS = {"pgd4": PGDIR_SHIFT_L4, "pgd5": PGDIR_SHIFT_L5, "p4d": P4D_SHIFT,
+           "pud": PUD_SHIFT, "pmd": PMD_SHIFT, "pte": PAGE_SHIFT}
+_INDEX_MASK = PTRS_PER_TABLE - 1
 
 
 @dataclass(frozen=True)
@@ -167,19 +175,19 @@ def invert_espfix_stack(cpu: int, espfix_stack: int) -> tuple[int, int]:
 
 def is_espfix_address(addr: int) -> bool:
     """True for addresses in the 512 GiB espfix P4D/PGD slot."""
-    return ESPFIX_BASE_ADDR <= addr < ESPFIX_BASE_ADDR + (1 << 39)
+    return ESPFIX_BASE_ADDR <= addr < ESPFIX_BASE_ADDR + P4D_SIZE
 
 
 def table_indices(addr: int, levels: int) -> dict[str, int]:
     """Page-table indices of *addr*: pgd (and p4d on 5-level), pud, pmd, pte."""
     idx = {}
     if levels == 5:
-        idx["pgd"] = (addr >> _SHIFTS["pgd5"]) & 511
-        idx["p4d"] = (addr >> _SHIFTS["p4d"]) & 511
+        idx["pgd"] = (addr >> _SHIFTS["pgd5"]) & _INDEX_MASK
+        idx["p4d"] = (addr >> _SHIFTS["p4d"]) & _INDEX_MASK
     else:
-        idx["pgd"] = (addr >> _SHIFTS["pgd4"]) & 511
+        idx["pgd"] = (addr >> _SHIFTS["pgd4"]) & _INDEX_MASK
     for name in ("pud", "pmd", "pte"):
-        idx[name] = (addr >> _SHIFTS[name]) & 511
+        idx[name] = (addr >> _SHIFTS[name]) & _INDEX_MASK
     return idx
 
 
@@ -190,7 +198,7 @@ def pud_slots(group_pud_index: int) -> range:
 
 def pte_slots(page: int) -> range:
     """The ``ESPFIX_PTE_CLONES`` PTE indices that map shuffled stack page *page*."""
-    return range(page % PTE_STRIDE, 512, PTE_STRIDE)
+    return range(page % PTE_STRIDE, PTRS_PER_PTE, PTE_STRIDE)
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,7 @@ def layout_columns(cpus: Sequence[int], rnd: Randomness, levels: int = 4) -> dic
         "group": list(map(operator.rshift, cpus, repeat(CPU_GROUP_SHIFT)))}
     names = ("pgd5", "p4d") if levels == 5 else ("pgd4",)
     for name in (*names, "pud", "pmd", "pte"):
-        per_page = [(a >> _SHIFTS[name]) & 511 for a in addr_of]
+        per_page = [(a >> _SHIFTS[name]) & _INDEX_MASK for a in addr_of]
         cols[name.rstrip("45")] = list(map(per_page.__getitem__, idx)) if n else []
     return cols
 
@@ -280,7 +288,7 @@ def group_pud_index(group: int, page_random: int) -> int:
     so the PUD index is ``4 * (page >> 4)`` and bits 30..31 (RSP[31:30])
     select among the 4 clones.
     """
-    return ((group ^ (page_random >> 4)) & 127) * ESPFIX_PUD_CLONES
+    return ((group ^ (page_random >> GROUP_PAGE_SHIFT)) & (PUD_GROUPS - 1)) * ESPFIX_PUD_CLONES
 
 
 def group_layouts(cpus: Iterable[int], rnd: Randomness) -> list[GroupLayout]:

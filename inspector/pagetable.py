@@ -17,26 +17,18 @@ from collections.abc import Sequence
 
 from .memory import MemorySource
 from .records import dataclass
+from .x86 import (PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_MASK, PAGE_NX, PAGE_PCD,
+                  PAGE_PRESENT, PAGE_PSE, PAGE_PWT, PAGE_RW, PAGE_SHIFT, PAGE_USER,
+                  PGDIR_SHIFT_L4, PGDIR_SHIFT_L5, P4D_SHIFT, PMD_SHIFT, 
+                  PTE_PFN_MASK, PTRS_PER_TABLE, PUD_SHIFT)
 
 __all__ = ["Level", "LEVELS_4", "LEVELS_5", "Step", "Walk", "PageTableWalker",
            "decode_flags", "PAGE_PRESENT", "PAGE_RW", "PAGE_USER", "PAGE_PWT",
            "PAGE_PCD", "PAGE_ACCESSED", "PAGE_DIRTY", "PAGE_PSE", "PAGE_GLOBAL",
-           "PAGE_NX", "PHYS_ADDR_MASK", "FLAGS_MASK"]
+           "PAGE_NX"]
 
-PAGE_PRESENT = 1 << 0
-PAGE_RW = 1 << 1
-PAGE_USER = 1 << 2
-PAGE_PWT = 1 << 3
-PAGE_PCD = 1 << 4
-PAGE_ACCESSED = 1 << 5
-PAGE_DIRTY = 1 << 6
-PAGE_PSE = 1 << 7
-PAGE_GLOBAL = 1 << 8
-PAGE_NX = 1 << 63
-#: ``PTE_PFN_MASK`` with ``__PHYSICAL_MASK_SHIFT`` = 52.
-PHYS_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
-#: Everything that is not the address: the low 12 bits and bits 52..63.
-FLAGS_MASK = ~PHYS_ADDR_MASK & ((1 << 64) - 1)
+_INDEX_MASK = PTRS_PER_TABLE - 1
+_TABLE = struct.Struct(f"<{PTRS_PER_TABLE}Q")     # one table page of 8-byte entries
 
 _FLAG_NAMES = ((PAGE_PRESENT, "P"), (PAGE_RW, "RW"), (PAGE_USER, "USER"),
                (PAGE_PWT, "PWT"), (PAGE_PCD, "PCD"), (PAGE_ACCESSED, "A"),
@@ -56,13 +48,14 @@ class Level:
     large_page: bool   # may a PSE entry here map a page (PUD: 1 GiB, PMD: 2 MiB)?
 
     def index(self, vaddr: int) -> int:
-        return (vaddr >> self.shift) & 511
+        return (vaddr >> self.shift) & _INDEX_MASK
 
 
-LEVELS_4: tuple[Level, ...] = (Level("pgd", 39, False), Level("pud", 30, True),
-                               Level("pmd", 21, True), Level("pte", 12, False))
-LEVELS_5: tuple[Level, ...] = (Level("pgd", 48, False), Level("p4d", 39, False),
-                               *LEVELS_4[1:])
+LEVELS_4: tuple[Level, ...] = (Level("pgd", PGDIR_SHIFT_L4, False),
+                               Level("pud", PUD_SHIFT, True), Level("pmd", PMD_SHIFT, True),
+                               Level("pte", PAGE_SHIFT, False))
+LEVELS_5: tuple[Level, ...] = (Level("pgd", PGDIR_SHIFT_L5, False),
+                               Level("p4d", P4D_SHIFT, False), *LEVELS_4[1:])
 
 
 @dataclass(frozen=True)
@@ -105,15 +98,15 @@ class PageTableWalker:
             raise ValueError("levels must be 4 or 5")
         self.mem = mem
         self.levels: Sequence[Level] = LEVELS_5 if levels == 5 else LEVELS_4
-        self.addr_mask = PHYS_ADDR_MASK & ~sme_mask
+        self.addr_mask = PTE_PFN_MASK & ~sme_mask
         self._tables: dict[int, tuple[int, ...]] = {}
 
     def table(self, paddr: int) -> tuple[int, ...]:
         """The 512 entries of the table page at *paddr* (cached)."""
-        paddr &= ~0xFFF
+        paddr &= PAGE_MASK
         t = self._tables.get(paddr)
         if t is None:
-            t = struct.unpack("<512Q", self.mem.phys_page(paddr))
+            t = _TABLE.unpack(self.mem.phys_page(paddr))
             self._tables[paddr] = t
         return t
 
@@ -121,7 +114,7 @@ class PageTableWalker:
         return entry & self.addr_mask
 
     def walk(self, pgd_paddr: int, vaddr: int) -> Walk:
-        table = pgd_paddr & ~0xFFF
+        table = pgd_paddr & PAGE_MASK
         steps: list[Step] = []
         for level in self.levels:
             idx = level.index(vaddr)
@@ -130,7 +123,7 @@ class PageTableWalker:
             if not entry & PAGE_PRESENT:
                 return Walk(vaddr, tuple(steps), None, 0,
                             f"{level.name}[{idx}] not present")
-            if level.shift == 12 or (level.large_page and entry & PAGE_PSE):
+            if level.shift == PAGE_SHIFT or (level.large_page and entry & PAGE_PSE):
                 size = 1 << level.shift
                 base = entry & self.addr_mask & ~(size - 1)
                 return Walk(vaddr, tuple(steps), base | (vaddr & (size - 1)), size, None)

@@ -22,9 +22,9 @@ from .elfcore import NO_PADDR
 from .elfwrite import LoadSegment, NoteEntry, write_core
 from .errors import InspectError
 from .memory import RecordingMemory
-from .state import DIRECT_MAP_SIZE, EspfixState, load_state
-from .symbols import START_KERNEL_MAP
+from .state import EspfixState, load_state
 from .target import NT_META, NT_SYMBOLS, SNAPSHOT_NOTE, Target, open_target
+from .x86 import direct_map_pa, direct_map_va, is_image_address
 
 __all__ = ["take_snapshot", "snapshot_segments"]
 
@@ -38,17 +38,15 @@ def snapshot_segments(state: EspfixState, rec: RecordingMemory) -> list[LoadSegm
     info = state.info
     target = state.reader.target
     pob = info.page_offset_base
-    dm_size = DIRECT_MAP_SIZE[info.levels]
     ranges: list[tuple[int, int, bytes]] = []       # (vaddr, paddr, data)
     for paddr, data in rec.phys.items():
-        ranges.append(((pob + paddr) & ((1 << 64) - 1), paddr, data))
+        ranges.append((direct_map_va(paddr, pob), paddr, data))
     for vaddr, data in rec.virt.items():
-        if vaddr >= START_KERNEL_MAP:
+        if is_image_address(vaddr):
             paddr = target.pa_symbol(vaddr)
-        elif pob <= vaddr < pob + dm_size:
-            paddr = vaddr - pob
         else:
-            paddr = NO_PADDR
+            dm = direct_map_pa(vaddr, pob, info.levels)
+            paddr = NO_PADDR if dm is None else dm
         ranges.append((vaddr, paddr, data))
     ranges.sort(key=lambda r: r[0])
     merged: list[tuple[int, int, bytearray]] = []

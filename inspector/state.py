@@ -21,8 +21,9 @@ from .hostfacts import HostFacts, read_host_facts
 from .model import ESPFIX_BASE_ADDR, ESPFIX_STACKS_PER_PAGE, FRAME_WORDS
 from .pagetable import PAGE_PRESENT, PageTableWalker, Step, Walk
 from .records import dataclass, field
-from .symbols import MASK64, START_KERNEL_MAP
 from .target import Target
+from .x86 import (MASK64, PAGE_MASK, PAGE_OFFSET_BASE, PAGE_SIZE, direct_map_pa,
+                  is_image_address)
 
 __all__ = ["KernelInfo", "CpuState", "EspfixState", "KernelReader", "load_state",
            "FrameUnreadable", "FRAME_BYTES"]
@@ -35,10 +36,6 @@ class FrameUnreadable(InspectError):
     """One CPU's ministack frame cannot be read (a corrupt ``espfix_stack``, an
     unmapped alias, a page the core lacks); the rest of the inspection goes on."""
 
-#: Default direct-map bases without KASLR (``__PAGE_OFFSET_BASE_L4/L5``).
-PAGE_OFFSET_DEFAULT = {4: 0xFFFF888000000000, 5: 0xFF11000000000000}
-#: Direct map size: 64 TiB (4-level) or 32 PiB (5-level) (``DIRECT_MAP_PHYSMEM_END``).
-DIRECT_MAP_SIZE = {4: 1 << 46, 5: 1 << 52}
 
 
 class KernelReader:
@@ -68,14 +65,15 @@ class KernelReader:
         return [d if d is not None else self._read_alias(a, size) for a, d in zip(addrs, datas)]
 
     def _read_alias(self, addr: int, size: int) -> bytes:
-        if addr >= START_KERNEL_MAP:
+        if is_image_address(addr):
             return self.mem.read_phys(self.target.pa_symbol(addr), size)
         pob = self.page_offset_base
-        if pob is not None and self.levels and pob <= addr < pob + DIRECT_MAP_SIZE[self.levels]:
-            return self.mem.read_phys(addr - pob, size)
+        pa = direct_map_pa(addr, pob, self.levels) if pob is not None and self.levels else None
+        if pa is not None:
+            return self.mem.read_phys(pa, size)
         if self.walker is not None and self.pgd_pa is not None:
             w = self.walker.walk(self.pgd_pa, addr)
-            if w.phys is not None and (w.phys & 0xFFF) + size <= 4096:
+            if w.phys is not None and (w.phys & ~PAGE_MASK) + size <= PAGE_SIZE:
                 return self.mem.read_phys(w.phys, size)
         raise InspectError(f"kernel address {addr:#x} is not readable from {self.target.core.path}",
                            "the core lacks that memory; capture a complete core or snapshot")
@@ -181,10 +179,10 @@ class EspfixState:
         """Walk (memoised per page) from the kernel or the PTI user PGD."""
         root = self.info.user_pgd_pa if user else self.info.pgd_pa
         assert root is not None
-        key = (root, vaddr & ~0xFFF)
+        key = (root, vaddr & PAGE_MASK)
         w = self._walks.get(key)
         if w is None:
-            w = self.walker.walk(root, vaddr & ~0xFFF)
+            w = self.walker.walk(root, vaddr & PAGE_MASK)
             self._walks[key] = w
         return w
 
@@ -195,8 +193,8 @@ class EspfixState:
         return w.step("p4d" if self.info.levels == 5 else "pgd")
 
     def direct_map_pa(self, vaddr: int) -> int | None:
-        off = (vaddr - self.info.page_offset_base) & MASK64
-        return off if off < DIRECT_MAP_SIZE[self.info.levels] else None
+        """``__pa()`` of a direct-map address, None outside the direct map."""
+        return direct_map_pa(vaddr, self.info.page_offset_base, self.info.levels)
 
     def frame(self, cpu: int, fresh: bool = False) -> dict[str, int] | None:
         """The last IRET frame the entry code left in *cpu*'s ministack
@@ -209,8 +207,8 @@ class EspfixState:
         st = self.cpus[cpu]
         if not st.initialised:
             return None
-        off = st.espfix_stack & 0xFFF
-        if off + FRAME_BYTES > 4096:
+        off = st.espfix_stack & ~PAGE_MASK
+        if off + FRAME_BYTES > PAGE_SIZE:
             raise FrameUnreadable(f"espfix_stack {st.espfix_stack:#x} puts the {FRAME_BYTES}-byte "
                                   f"frame at page offset {off:#x}, across the page end: "
                                   "espfix_stack is corrupt")
@@ -238,7 +236,7 @@ class EspfixState:
         frame = struct.Struct("<6Q").unpack_from
         for cpu in cpus:
             stack = self.cpus[cpu].espfix_stack
-            base = stack & ~0xFFF
+            base = stack & PAGE_MASK
             if not stack:
                 out.append(None)
                 continue
@@ -246,7 +244,7 @@ class EspfixState:
                 w = self.walk(base)
                 pages[base] = None if w.phys is None else self.reader.mem.phys_page(w.phys)
             page = pages[base]
-            words = frame(page, stack & 0xFFF) if page is not None else None
+            words = frame(page, stack & ~PAGE_MASK) if page is not None else None
             out.append(dict(zip(FRAME_WORDS, words)) if words and any(words) else None)
         return out
 
@@ -260,7 +258,8 @@ def _levels(target: Target, reader: KernelReader) -> int:
         return 5 if reader.u32(sym) else 4
     raise InspectError("cannot tell 4- from 5-level paging: no NUMBER(pgtable_l5_enabled) "
                        "in VMCOREINFO and no __pgtable_l5_enabled symbol",
-                       "pass the kernel's vmlinux with --symbols")
+                       "pass the kernel's vmlinux as {symbols}", role="symbols",
+                       field="pgtable_l5_enabled")
 
 
 def _page_offset_base(target: Target, reader: KernelReader, levels: int) -> int:
@@ -273,12 +272,12 @@ def _page_offset_base(target: Target, reader: KernelReader, levels: int) -> int:
     # Fall back on the core's RAM segments: direct-map address minus physical.
     deltas: dict[int, int] = {}
     for s in target.core.segments:
-        if s.has_paddr and s.vaddr < START_KERNEL_MAP:
+        if s.has_paddr and not is_image_address(s.vaddr):
             d = (s.vaddr - s.paddr) & MASK64
             deltas[d] = deltas.get(d, 0) + 1
     if deltas:
         return max(deltas, key=deltas.__getitem__)
-    return PAGE_OFFSET_DEFAULT[levels]
+    return PAGE_OFFSET_BASE[levels]
 
 
 def _need(target: Target, name: str, why: str) -> int:
@@ -289,14 +288,16 @@ def _need(target: Target, name: str, why: str) -> int:
     if "espfix_stack" not in syms and "init_espfix_ap" in syms:
         raise InspectError(f"{syms.source} has no data symbols ({name} is missing): the kernel "
                            "was built without CONFIG_KALLSYMS_ALL",
-                           "pass --symbols with the kernel's vmlinux or System.map")
+                           "pass the kernel's vmlinux or System.map as {symbols}",
+                           path=syms.source, role="symbols", field=name)
     if "init_espfix_ap" not in syms and "espfix_stack" not in syms and "_text" in syms \
             and name.startswith("espfix"):
         raise InspectError(f"{syms.source} has no espfix symbols: the kernel was built without "
                            "CONFIG_X86_ESPFIX64 (or CONFIG_X86_16BIT=n), so there is no espfix",
                            "nothing to inspect on this kernel")
     raise InspectError(f"symbol {name} ({why}) is not in {syms.source}",
-                       "pass --symbols with the kernel's vmlinux (it has every static)")
+                       "pass the kernel's vmlinux as {symbols} (it has every static)",
+                       path=syms.source, role="symbols", field=name)
 
 
 def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
@@ -360,7 +361,7 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
     npages = (nr_cpu_ids + ESPFIX_STACKS_PER_PAGE - 1) // ESPFIX_STACKS_PER_PAGE
     espfix_pages = reader.u64s(pages_sym, npages)
 
-    pti_pgd = pgd_pa + 4096
+    pti_pgd = pgd_pa + PAGE_SIZE       # PTI: the user half of init_top_pgt (arch/x86/mm/pti.c)
     user_pgd_pa: int | None = None
     try:
         if any(e & PAGE_PRESENT for e in walker.table(pti_pgd)):

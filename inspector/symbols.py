@@ -24,17 +24,15 @@ from .errors import InspectError
 from .fileio import MiB, open_regular, read_bounded
 from .records import dataclass, field
 from .vocab import StrEnum
+from .x86 import MASK64, START_KERNEL_MAP
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     from elftools.elf.elffile import ELFFile
 
-__all__ = ["START_KERNEL_MAP", "SymbolKind", "SymbolTable", "load_symbols", "parse_symbol_text",
+__all__ = ["SymbolKind", "SymbolTable", "load_symbols", "parse_symbol_text",
            "scan_symbol_text", "read_own_lines"]
 
-#: ``__START_KERNEL_map`` (arch/x86/include/asm/page_64_types.h).
-START_KERNEL_MAP = 0xFFFFFFFF80000000
-MASK64 = (1 << 64) - 1
 #: A kallsyms or System.map text is a few MiB (about 120,000 lines on Debian 6.1 with
 #: modules); a vmlinux with DWARF is under 1 GiB, and its .symtab a few MiB.
 MAX_SYMBOL_TEXT = 256 * MiB
@@ -159,7 +157,8 @@ def parse_symbol_text(text: str, source: str, kind: SymbolKind) -> SymbolTable:
             raise InspectError("/proc/kallsyms shows every address as 0: kptr_restrict hides "
                                "kernel addresses (or the reader lacks CAP_SYSLOG)",
                                "run as root with kernel.kptr_restrict=0 or 1, or pass "
-                               "--symbols with this kernel's System.map or vmlinux")
+                               "this kernel's System.map or vmlinux as {symbols}",
+                               path=source, role="symbols")
         raise InspectError(f"{source} shows every address as 0 (saved from a kallsyms "
                            "hidden by kptr_restrict)",
                            "save it again as root with kernel.kptr_restrict <= 1")

@@ -20,15 +20,22 @@ from .errors import InspectError
 from .fileio import open_regular
 from .memory import CoreMemory, MemorySource
 from .records import dataclass, field
-from .symbols import (MASK64, START_KERNEL_MAP, SymbolKind, SymbolTable, load_symbols,
-                      parse_symbol_text)
+from .symbols import SymbolKind, SymbolTable, load_symbols, parse_symbol_text
 from .vmcoreinfo import VmcoreInfo
+from .x86 import MASK64, is_image_address, pa_symbol, signed64
 
 __all__ = ["Target", "open_target", "SNAPSHOT_NOTE", "NT_SYMBOLS", "NT_META",
-           "KCORE_PATH", "KALLSYMS_PATH", "LIVE_SYMBOLS", "live_symbol_names"]
+           "KCORE_PATH", "KALLSYMS_PATH", "LIVE_SYMBOLS", "live_symbol_names", "is_live"]
 
 KCORE_PATH = "/proc/kcore"
 KALLSYMS_PATH = "/proc/kallsyms"
+
+
+def is_live(core_path: str) -> bool:
+    """Whether *core_path* is the running kernel's own memory: the one place this is
+    decided (:attr:`Target.live` holds the answer for an open target)."""
+    return core_path == KCORE_PATH
+
 #: Name of the notes an espfix-inspect snapshot adds to its core.
 SNAPSHOT_NOTE = "ESPFIX-INSPECT"
 NT_SYMBOLS = 1     # kallsyms-format text of the symbols the inspector used
@@ -67,7 +74,7 @@ class Target:
 
     def pa_symbol(self, vaddr: int) -> int:
         """``__pa_symbol()``: physical address of a kernel-image address."""
-        return (vaddr - START_KERNEL_MAP + self.phys_base) & MASK64
+        return pa_symbol(vaddr, self.phys_base)
 
     def fresh_memory(self) -> None:
         """Start a new page cache on the open core, so that nothing read before is
@@ -124,7 +131,7 @@ KASLR_ALIGN = 0x200000
 def _vmcoreinfo_symbols(info: VmcoreInfo) -> dict[str, int]:
     """The image addresses VMCOREINFO exports, for matching a symbol file."""
     return {name: addr for name, addr in info.symbols.items()
-            if name not in POINTER_VALUED and addr >= START_KERNEL_MAP}
+            if name not in POINTER_VALUED and is_image_address(addr)}
 
 
 def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolTable:
@@ -139,10 +146,10 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
     chosen: SymbolTable | None = None
     mismatch = ""
     # Every compared symbol off by one KASLR-aligned delta: the same build, another boot.
-    deltas = {(syms[n] - exported[n]) & ((1 << 64) - 1) for n in exported if n in syms}
+    deltas = {(syms[n] - exported[n]) & MASK64 for n in exported if n in syms}
     if len(deltas) == 1 and (delta := deltas.pop()) and delta % KASLR_ALIGN == 0 \
             and syms.kind != SymbolKind.VMLINUX:
-        signed = delta - (1 << 64) if delta >> 63 else delta
+        signed = signed64(delta)
         boot_hint = (f"every symbol VMCOREINFO exports is off by {signed:+#x}, a KASLR "
                      f"slide: it is this build's kallsyms saved during another boot")
     else:
@@ -182,10 +189,9 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
 def _read_image(core: ElfCore, vaddr: int, syms: SymbolTable, info: VmcoreInfo) -> bytes | None:
     """Read a kernel-image address through its physical alias (vmcores
     without a kernel-text segment)."""
-    if vaddr < START_KERNEL_MAP or info.phys_base is None:
+    if not is_image_address(vaddr) or info.phys_base is None:
         return None
-    pa = (vaddr - START_KERNEL_MAP + info.phys_base) & MASK64
-    return core.read_paddr(pa, 256)
+    return core.read_paddr(pa_symbol(vaddr, info.phys_base), 256)
 
 
 #: The symbols the inspector reads (state.py, snapshot.py ALWAYS, the CONFIG_KALLSYMS_ALL
@@ -211,7 +217,7 @@ def _has_elf_magic(path: str) -> bool:
     """True when *path* starts with the ELF magic; False for anything else, including
     what cannot be read (the readers then say why)."""
     try:
-        with open_regular(path, "core", "check the --core path") as f:
+        with open_regular(path, "core", "check the path given as {core}") as f:
             return f.read(4) == b"\x7fELF"
     except (InspectError, OSError):
         return False
@@ -222,22 +228,23 @@ def open_target(core_path: str = KCORE_PATH, symbols_path: str | None = None,
     """Open a core and its symbols.  *wrap* may wrap the memory source
     (e.g. :class:`~inspector.memory.RecordingMemory` for snapshots).  Crash dumps
     (kdump-compressed, ELF vmcores) go to :mod:`inspector.dumptarget`."""
+    live = is_live(core_path)
     # Crash dumps go to libkdumpfile; an ELF core that is /proc/kcore-shaped or a
     # snapshot stays here without importing the dump modules (README, Performance).
-    if core_path != KCORE_PATH and not _has_elf_magic(core_path):
+    if not live and not _has_elf_magic(core_path):
         from .dumptarget import is_dump, open_dump_target
         if is_dump(core_path):
             return open_dump_target(core_path, symbols_path, wrap)
     try:
         core = ElfCore(core_path)
     except InspectError:
-        if core_path == KCORE_PATH:
+        if live:
             raise
         from .dumptarget import is_dump, open_dump_target
         if is_dump(core_path):          # e.g. QEMU 7.2's ELF dumps (e_ehsize 8)
             return open_dump_target(core_path, symbols_path, wrap)
         raise
-    if core_path != KCORE_PATH and is_vmcore(core, SNAPSHOT_NOTE):
+    if not live and is_vmcore(core, SNAPSHOT_NOTE):
         core.close()
         from .dumptarget import open_dump_target
         return open_dump_target(core_path, symbols_path, wrap)
@@ -255,13 +262,14 @@ def open_target(core_path: str = KCORE_PATH, symbols_path: str | None = None,
             embedded = _embedded_symbols(core)
             if embedded is not None:
                 syms = embedded
-            elif core_path == KCORE_PATH:
+            elif live:
                 syms = load_symbols(KALLSYMS_PATH, live_symbol_names(core.vmcoreinfo))
             else:
                 raise InspectError(f"{core_path} carries no symbols",
-                                   "pass --symbols with the kernel's System.map or vmlinux")
+                                   "pass the kernel's System.map or vmlinux as {symbols}",
+                                   path=core_path, role="symbols")
         syms = bind_symbols(syms, core, mem)
-        return Target(core, mem, syms, core.vmcoreinfo, core_path == KCORE_PATH, _meta(core))
+        return Target(core, mem, syms, core.vmcoreinfo, live, _meta(core))
     except BaseException:
         core.close()
         raise

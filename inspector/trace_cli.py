@@ -9,7 +9,7 @@ import argparse
 import signal
 import time
 
-from .cli import HelpFormatter
+from .cliutil import HelpFormatter
 from .errors import EXIT_OK, InspectError
 from .model import parse_cpu_list
 from .safetext import print_out
@@ -164,7 +164,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     import json
 
     from probes import trace as tr
-    from .cli import Terminated
+    from .cliutil import Terminated
 
     want = _want(args)
     sources = _sources(args, tr)

@@ -27,14 +27,10 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 from .errors import InspectError
+from .x86 import KERNEL_IMAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PHYSICAL_MASK_SHIFT
 
-__all__ = ["VmcoreInfo", "KERNEL_IMAGE_SIZE", "PHYS_ADDR_BITS"]
+__all__ = ["VmcoreInfo"]
 
-#: ``KERNEL_IMAGE_SIZE`` with KASLR (arch/x86/include/asm/page_64_types.h): the image,
-#: and so ``kaslr_offset()``, stays within the top 1 GiB.
-KERNEL_IMAGE_SIZE = 1 << 30
-#: ``__PHYSICAL_MASK_SHIFT`` (arch/x86/include/asm/page_64_types.h).
-PHYS_ADDR_BITS = 52
 #: ``__NEW_UTS_LEN`` (include/uapi/linux/utsname.h).
 UTS_LEN = 64
 
@@ -52,13 +48,13 @@ class VmcoreInfo(Mapping):       # of str to str
         self.source = source
         self.osrelease: str | None = self._osrelease()
         self.kernel_offset: int | None = self._hex("KERNELOFFSET", KERNEL_IMAGE_SIZE)
-        self.phys_base: int | None = self._number("NUMBER(phys_base)",
-                                                  -(1 << PHYS_ADDR_BITS), 1 << PHYS_ADDR_BITS)
+        phys_limit = 1 << PHYSICAL_MASK_SHIFT
+        self.phys_base: int | None = self._number("NUMBER(phys_base)", -phys_limit, phys_limit)
         self.pgtable_l5_enabled: int | None = self._number("NUMBER(pgtable_l5_enabled)", 0, 2)
         self.sme_mask: int | None = self._sme_mask()
         self.page_offset: int | None = self._hex_any("NUMBER(page_offset_base)")
         pagesize = self._number("PAGESIZE", 1, 1 << 31)
-        if pagesize is not None and pagesize != 4096:
+        if pagesize is not None and pagesize != PAGE_SIZE:
             self._bad("PAGESIZE", "x86-64 pages are 4096 bytes")
         self.symbols: dict[str, int] = self._symbols()
 
@@ -129,7 +125,7 @@ class VmcoreInfo(Mapping):       # of str to str
         """0, or the one SME/SEV C-bit: a single bit of the physical address width
         (CPUID 0x8000001F reports its position, 47 or 51 on real parts)."""
         n = self._number("NUMBER(sme_mask)", 0, 1 << 64)
-        if n and (n & (n - 1) or not (1 << 12) <= n < (1 << PHYS_ADDR_BITS)):
+        if n and (n & (n - 1) or not (1 << PAGE_SHIFT) <= n < (1 << PHYSICAL_MASK_SHIFT)):
             self._bad("NUMBER(sme_mask)", "the SME mask is 0 or one bit 12..51")
         return n
 

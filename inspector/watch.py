@@ -37,7 +37,7 @@ from .hotplug import (SYSFS_ONLINE, UEVENT_SETTLE, CpuEvent, HotplugSource,
                       SysfsPollSource, open_hotplug_source)
 from .model import format_cpu_list
 from .state import load_state
-from .target import KCORE_PATH, Target, open_target
+from .target import Target, is_live, open_target
 from .watch_config import WatchConfig, build_config
 from .watch_diff import RoundDiff, RoundResult
 from .watch_events import (ErrorEvent, Event, ReloadEvent, RoundEvent, StartEvent, StopEvent,
@@ -61,6 +61,10 @@ Emit = Callable[[Event], None]
 
 class Watcher:
     """The watch loop.  ``run()`` returns the exit status (see ``exit_status``)."""
+
+    #: How error fixes name the core and symbols (:meth:`InspectError.line`); the CLI
+    #: sets its own words (options and watch.conf keys).
+    inputs: dict[str, str] | None = None
 
     def __init__(self, config: WatchConfig, emit: Emit,
                  on_round: Callable[[RoundResult], None] | None = None,
@@ -145,7 +149,7 @@ class Watcher:
             res.core_reads = target.core.reads - reads0
             res.bytes_read = target.core.bytes_read - bytes0
         except InspectError as e:
-            res.error = e.line()
+            res.error = e.line(self.inputs)
             self.last_error = e
             self._close_target()
         res.wall_seconds = time.perf_counter() - t0
@@ -158,7 +162,7 @@ class Watcher:
             try:
                 self.on_round(res)
             except InspectError as e:       # e.g. the textfile could not be written
-                res.output_error = e.line()
+                res.output_error = e.line(self.inputs)
                 self.output_failures += 1
                 self.emit(ErrorEvent(now_iso(), res.number, res.output_error))
         self.worst = max(self.worst, res.exit_status)
@@ -198,7 +202,7 @@ class Watcher:
             new = self.load_config()
         except InspectError as e:
             self.emit(ErrorEvent(now_iso(), self.rounds,
-                                 f"reload refused, old configuration kept: {e.line()}"))
+                                 f"reload refused, old configuration kept: {e.line(self.inputs)}"))
             return False
         changes = self.config.changes(new)
         self.config = new
@@ -206,7 +210,7 @@ class Watcher:
             self._close_target()      # the next round opens the new core/symbols
             self.diff.forget_frames()
         if "hotplug" in changes or "core" in changes:
-            self._setup_hotplug(self.config.core == KCORE_PATH)
+            self._setup_hotplug(is_live(self.config.core))
         self.emit(ReloadEvent(now_iso(), self.config_path, changes))
         return True
 
@@ -250,7 +254,7 @@ class Watcher:
         t_start, cpu_start = time.monotonic(), time.process_time()
         reason = "count"
         try:
-            self._setup_hotplug(self.config.core == KCORE_PATH)
+            self._setup_hotplug(is_live(self.config.core))
             cfg = self.config
             self.emit(StartEvent(now_iso(), __version__, os.getpid(), cfg.core, cfg.symbols,
                                  cfg.interval, cfg.count, self.hotplug_desc, cfg.textfile,

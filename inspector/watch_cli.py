@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import HelpFormatter
-from .errors import EXIT_FINDINGS, EXIT_OK
+from .cliutil import PROG, HelpFormatter, reword
+from .errors import EXIT_FINDINGS, EXIT_OK, InspectError
 from .safetext import print_out
 from .target import KCORE_PATH
 
 __all__ = ["add_parser", "COMMANDS"]
 
-PROG = "espfix-inspect"
+#: watch takes its inputs as options or as watch.conf keys.
+WATCH_INPUTS = {"core": "--core (or core = in the --config file)",
+                "symbols": "--symbols (or symbols = in the --config file)"}
+#: diff's inputs: the sides A and B, with their own symbols options.
+DIFF_INPUTS = {"a": {"core": "A", "symbols": "--symbols-a"},
+               "b": {"core": "B", "symbols": "--symbols-b"}}
 
 WATCH_EXAMPLES = """examples:
     espfix-inspect watch                  # every 10 s until SIGTERM/SIGINT
@@ -146,17 +151,25 @@ def cmd_watch(args: argparse.Namespace) -> int:
             write_textfile(directory, render(res, watcher.config.frames))
 
     watcher = Watcher(config, emit, on_round, config_path=args.config, overrides=overrides)
+    watcher.inputs = WATCH_INPUTS
     return watcher.run()
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from .diff import diff_docs, diff_json, diff_text, load_side
     from .report import dumps
-    a = load_side(args.a, args.symbols_a)
-    b = load_side(args.b, args.symbols_b)
+    sides = []
+    for side, path, symbols in (("a", args.a, args.symbols_a), ("b", args.b, args.symbols_b)):
+        try:
+            sides.append(load_side(path, symbols))
+        except InspectError as e:
+            raise reword(e, DIFF_INPUTS[side]) from None
+    a, b = sides
     res = diff_docs(a, b)
     print_out(dumps(diff_json(res)) if args.json else diff_text(res))
     return EXIT_OK if res.same else EXIT_FINDINGS
 
 
 COMMANDS = {"watch": cmd_watch, "diff": cmd_diff}
+#: How each command's errors name its inputs (cli.main words the fix with it).
+COMMAND_INPUTS = {"watch": WATCH_INPUTS}

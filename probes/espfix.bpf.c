@@ -26,13 +26,19 @@
  *   ESPFIX_PAGES  espfix_pages[]; ESPFIX_PUD_PAGE  espfix_pud_page[];
  *   PAGE_RANDOM   page_random; PAGE_OFFSET_BASE  page_offset_base; IRQ_REGS  __irq_regs
  *   ESPFIX_INIT_MUTEX  &espfix_init_mutex
+ *
+ * Layout constants the loader substitutes from inspector/model.py and inspector/x86.py
+ * (the one home of each; arch/x86/kernel/espfix_64.c, arch/x86/include/asm/pgtable_types.h):
+ *   ESPFIX_STACKS_PER_PAGE  CPUs per stack page; CPUS_PER_GROUP  CPUs per PUD slot group
+ *   GROUP_PAGE_SHIFT, PUD_GROUPS, ESPFIX_PUD_CLONES  the group's first espfix_pud_page
+ *                 slot is ((group ^ (page_random >> GROUP_PAGE_SHIFT)) & (PUD_GROUPS - 1))
+ *                 * ESPFIX_PUD_CLONES (model.group_pud_index)
+ *   X86_PAGE_PRESENT  _PAGE_PRESENT; X86_PTE_PFN_MASK  the physical-address bits of an entry
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 #include <linux/mm_types.h>
 #include <asm/ldt.h>
-
-#define PFN_MASK 0x000ffffffffff000ULL
 
 struct comm_t { char comm[TASK_COMM_LEN]; };
 
@@ -76,18 +82,20 @@ static __always_inline void init_read(u32 cpu, struct init_state *s)
 {
     u64 off = kread64(PER_CPU_OFFSET + 8ULL * cpu);
     s->stack = kread64(ESPFIX_STACK + off);                  /* per_cpu(espfix_stack, cpu) */
-    s->page = kread64(ESPFIX_PAGES + 8ULL * (cpu / 64));      /* espfix_pages[cpu / 64] */
+    /* espfix_pages[cpu / ESPFIX_STACKS_PER_PAGE] */
+    s->page = kread64(ESPFIX_PAGES + 8ULL * (cpu / ESPFIX_STACKS_PER_PAGE));
     /* the group's first PUD slot, as init_espfix_ap() computes it:
      * addr = espfix_base_addr(cpu); pud_p = &espfix_pud_page[pud_index(addr)] */
     u32 page_random = 0;
     bpf_probe_read_kernel(&page_random, 4, (void *)PAGE_RANDOM);
-    u32 group = cpu / 1024;
-    u32 idx = ((group ^ (page_random >> 4)) & 127) * 4;
+    u32 group = cpu / CPUS_PER_GROUP;
+    u32 idx = ((group ^ (page_random >> GROUP_PAGE_SHIFT)) & (PUD_GROUPS - 1)) * ESPFIX_PUD_CLONES;
     s->pud = kread64(ESPFIX_PUD_PAGE + 8ULL * idx);
     s->pmd = 0;
-    if (s->pud & 1) {
+    if (s->pud & X86_PAGE_PRESENT) {
         u64 pob = kread64(PAGE_OFFSET_BASE);
-        s->pmd = kread64(pob + (s->pud & PFN_MASK));        /* pmd[0]: all 512 clones equal */
+        /* pmd[0]: all 512 clones are equal */
+        s->pmd = kread64(pob + (s->pud & X86_PTE_PFN_MASK));
     }
 }
 

@@ -18,6 +18,8 @@ from inspector.errors import InspectError
 from inspector.hostfacts import read_host_facts
 from inspector.symbols import SymbolTable, load_symbols
 from inspector.trace_summary import Outcome
+from inspector import model, x86
+from inspector.x86 import decode_user_desc, ldt_selector
 
 BPF_SOURCE = Path(__file__).resolve().with_name("espfix.bpf.c")
 TASK_COMM_LEN = 16
@@ -224,7 +226,20 @@ def program_text(plan: Plan, syms: SymbolTable | None, pid: int | None) -> tuple
         flags.append(f"-DFILTER_PID={pid}")
     flags.append(f"-DTRIGGER_PID={os.getpid()}")
     flags.append(f"-DWALK_CHUNK={WALK_CHUNK}")
+    flags.extend(f"-D{name}={value}" for name, value in layout_defines().items())
     return text, flags
+
+
+def layout_defines() -> dict[str, str]:
+    """The espfix layout and page-table facts the BPF text uses, from their one home
+    (:mod:`inspector.model`, :mod:`inspector.x86`), as C literals."""
+    return {"ESPFIX_STACKS_PER_PAGE": f"{model.ESPFIX_STACKS_PER_PAGE}U",
+            "CPUS_PER_GROUP": f"{model.CPUS_PER_GROUP}U",
+            "GROUP_PAGE_SHIFT": f"{model.GROUP_PAGE_SHIFT}",
+            "PUD_GROUPS": f"{model.PUD_GROUPS}U",
+            "ESPFIX_PUD_CLONES": f"{model.ESPFIX_PUD_CLONES}U",
+            "X86_PAGE_PRESENT": f"{x86.PAGE_PRESENT:#x}ULL",
+            "X86_PTE_PFN_MASK": f"{x86.PTE_PFN_MASK:#018x}ULL"}
 
 
 def ebpf_listing(text: str, flags: list[str]) -> str:
@@ -308,18 +323,6 @@ def init_summary(ev: InitEvent) -> dict:
     }
 
 
-#: struct user_desc bit fields (arch/x86/include/uapi/asm/ldt.h), packed in one u32
-DESC_BITS = ("seg_32bit", "contents", "read_exec_only", "limit_in_pages",
-             "seg_not_present", "useable", "lm")
-
-
-def decode_user_desc(flags: int) -> dict:
-    return {"seg_32bit": flags & 1, "contents": (flags >> 1) & 3,
-            "read_exec_only": (flags >> 3) & 1, "limit_in_pages": (flags >> 4) & 1,
-            "seg_not_present": (flags >> 5) & 1, "useable": (flags >> 6) & 1,
-            "lm": (flags >> 7) & 1}
-
-
 def ldt_summary(ev: LdtEvent) -> dict:
     out = {"type": "ldt", "ts_ns": ev.ts_ns, "pid": ev.pid, "tid": ev.tid, "comm": ev.comm.decode(errors="replace"),
            "func": ev.func, "ret": ev.ret}
@@ -328,7 +331,7 @@ def ldt_summary(ev: LdtEvent) -> dict:
         empty = ev.base_addr == 0 and ev.limit == 0 and ev.flags in (0, 0x28)
         out.update({"entry": ev.entry_number, "base": f"{ev.base_addr:#x}",
                     "limit": f"{ev.limit:#x}", **d,
-                    "selector": f"{(ev.entry_number << 3) | 7:#x}",
+                    "selector": f"{ldt_selector(ev.entry_number):#x}",
                     "sixteen_bit": bool(not d["seg_32bit"] and not d["lm"] and not empty
                                         and not d["seg_not_present"]),
                     "kind": "code" if d["contents"] & 2 else "data"})

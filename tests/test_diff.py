@@ -142,3 +142,17 @@ def test_missing_file_and_core_without_symbols(capsys, tmp_path, write_kernel):
     assert main(["diff", core, L5]) == 2
     err = capsys.readouterr().err
     assert "carries no symbols" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_side_without_symbols_asks_for_that_sides_option(capsys, write_kernel):
+    """The lower layers name no option; diff words the fix with the side's own one."""
+    ca, sa = write_kernel(kernel(nr_cpus=4))
+    assert main(["diff", ca, L5]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{ca} carries no symbols" in err
+    assert err.rstrip().endswith("as --symbols-a") and "--symbols " not in err
+    assert main(["diff", L5, ca]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("as --symbols-b")
+    assert main(["validate", "--core", ca]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(
+        "carries no symbols: pass the kernel's System.map or vmlinux as --symbols")

@@ -13,7 +13,7 @@ import pytest
 
 from inspector import exercise as ex
 from inspector.errors import InspectError
-from inspector.ldt import USER32_CS, USER_CS, USER_DS, ldt_selector
+from inspector.x86 import USER32_CS, USER_CS, USER_DS, ldt_selector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SS16 = ldt_selector(ex.LDT_ENTRY)

@@ -64,7 +64,10 @@ def test_older_kernel_is_refused_with_one_line():
     with pytest.raises(InspectError) as e:
         decode_kallsyms(info, _reader(k), "old.dump")
     assert "since Linux 6.0" in e.value.cause and "5fd8fea935a1" in e.value.cause
-    assert "--symbols" in e.value.fix and "linux-image-5.10.0-30-amd64-dbg" in e.value.fix
+    assert "linux-image-5.10.0-30-amd64-dbg" in e.value.fix
+    # the fix names no command-line option: the CLI words it for its command
+    assert "--" not in e.value.fix and "{symbols}" in e.value.fix
+    assert "as --symbols-a (Debian" in e.value.line({"symbols": "--symbols-a"})
 
 
 def test_offsets_that_fit_no_form_are_refused():

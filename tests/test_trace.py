@@ -115,6 +115,28 @@ def test_program_has_one_function_per_available_return_source(syms):
     assert f"-DIRQ_REGS=0x{syms['__irq_regs']:x}ULL" in flags
 
 
+def test_bpf_layout_formula_takes_the_model_constants(syms):
+    """The BPF text spells no layout number: the loader defines each from the model and
+    x86 facts, and the PUD-slot expression, evaluated with them, is
+    model.group_pud_index for every group and page_random."""
+    import re
+
+    from inspector import model
+    text, flags = tr.program_text(tr.Plan(init=True), syms, None)
+    defines = dict(f[2:].partition("=")[::2] for f in flags)
+    init_read = re.sub(r"/\*.*?\*/", "", text[text.index("init_read("):text.index("int on_init_entry")],
+                       flags=re.S)
+    assert not re.search(r"\b(64|1024|127|0x0*fffffffff000)\b|& 1\)|>> 4\b|\* 4\b", init_read)
+    expr = re.search(r"u32 idx = (.*);", init_read).group(1)
+    for name in re.findall(r"\b[A-Z][A-Z0-9_]+\b", init_read):
+        assert name in defines, f"{name} is used by the BPF text but not defined by the loader"
+    py = re.sub(r"\b[A-Z][A-Z0-9_]+\b", lambda m: defines[m.group(0)].rstrip("UL"), expr)
+    for group in range(model.ESPFIX_MAX_CPUS // model.CPUS_PER_GROUP):
+        for page_random in (0, 17, 0x3a5, model.ESPFIX_PAGE_SPACE - 1):
+            got = eval(py, {"group": group, "page_random": page_random})    # noqa: S307
+            assert got == model.group_pud_index(group, page_random)
+
+
 def test_ebpf_prints_the_program(capsys):
     assert main(["trace", "--ebpf"]) == 0
     out = capsys.readouterr().out

@@ -331,6 +331,9 @@ def test_cli_failures_are_one_line_exit_2(capsys, tmp_path, write_kernel):
     core, syms = write_kernel(kernel())
     cases = [
         (["watch", "--core", str(tmp_path / "nope.core"), "1", "1"], "does not exist"),
+        (["watch", "--core", core, "1", "1"],      # the fix names the option and the key
+         "carries no symbols: pass the kernel's System.map or vmlinux as --symbols (or "
+         "symbols = in the --config file)"),
         (["watch", "--core", core, "--symbols", syms, "--textfile", str(tmp_path / "nodir"),
           "1", "1"], "textfile directory"),
         (["watch", "--config", str(tmp_path / "none.conf")], "config file"),
