@@ -46,7 +46,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from .elfcore import NO_PADDR, ElfCore, Note, is_vmcore, parse_notes, parse_vmcoreinfo
+from .elfcore import Note, is_vmcore, parse_notes, parse_vmcoreinfo
 from .errors import InspectError, PageFiltered
 from .fileio import open_regular
 from .memory import CoreMemory

@@ -161,7 +161,6 @@ def _ebpf_listing(tr, want: set[str], sources: set[str] | None, pid: int | None)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    import json
 
     from probes import trace as tr
     from .cliutil import Terminated
