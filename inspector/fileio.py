@@ -110,11 +110,15 @@ def _fsync_dir(directory: str) -> None:
 
 
 @contextmanager
-def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_output(path: str, mode: int = 0o644, *,
+                  honour_umask: bool = True) -> Iterator[BinaryIO]:
     """Yield a file object; on success it replaces *path* atomically.
 
-    The file gets *mode* minus the umask (so 0600 stays 0600 or narrower).  An existing
-    *path* that is not a regular file is refused with InspectError.
+    The file gets *mode* minus the umask (so 0600 stays 0600 or narrower), or exactly
+    *mode* with ``honour_umask=False``: for a file another user must read whatever
+    umask the writer runs under (the Prometheus textfile, read by node_exporter's
+    user, written by a unit with ``UMask=0077``).  An existing *path* that is not a
+    regular file is refused with InspectError.
     """
     _refuse_non_regular_target(path)
     directory = os.path.dirname(os.path.abspath(path)) or "."
@@ -127,7 +131,7 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode & ~umask)
+        os.chmod(tmp, mode & ~umask if honour_umask else mode)
         os.replace(tmp, path)
         _fsync_dir(directory)
     except BaseException:

@@ -142,10 +142,13 @@ def check_textfile_dir(directory: str) -> None:
 
 
 def write_textfile(directory: str, text: str) -> str:
-    """Write *text* to ``directory/espfix_inspect.prom`` atomically; returns the path."""
+    """Write *text* to ``directory/espfix_inspect.prom`` atomically; returns the path.
+
+    The file is 0644 whatever the umask: node_exporter reads it as its own user, and
+    the units run with ``UMask=0077``.  It holds no address and no randomisation."""
     path = os.path.join(directory, TEXTFILE_NAME)
     try:
-        with atomic_output(path) as fh:
+        with atomic_output(path, 0o644, honour_umask=False) as fh:
             fh.write(text.encode())
     except OSError as e:
         raise InspectError(f"cannot write {path}: {e.strerror or e}",

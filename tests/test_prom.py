@@ -208,3 +208,14 @@ def test_the_textfile_watch_wrote_in_a_vm_guest():
     assert value(fams, "espfix_inspect_espfix_frames_seen_total", cpu="1") >= 1
     assert value(fams, "espfix_inspect_kernel_info", osrelease="6.1.0-56-amd64", levels="5",
                  pti="off") == 1
+
+
+def test_textfile_is_world_readable_under_the_units_umask(tmp_path):
+    """The units run with UMask=0077 and node_exporter reads the file as its own user:
+    the textfile is 0644 anyway (a 0600 file broke the bookworm:systemd row)."""
+    old = os.umask(0o077)
+    try:
+        path = write_textfile(str(tmp_path), "espfix_inspect_up 1\n")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
