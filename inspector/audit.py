@@ -4,7 +4,7 @@ Each check is a small function ``check_<name>(ctx) -> Iterable[Finding]`` that
 declares itself through :func:`check` into the registry :data:`CHECKS`: its name,
 the other finding names it emits, a one-line summary, the severities it can emit and
 the kernel source it holds the state to.  :func:`audit` runs them all.  The metrics
-(:mod:`inspector.prom`), ``docs/checks.md`` (``python3 -m tests.gendocs``) and the tests
+(:mod:`inspector.prom`), ``docs/checks.md`` (``python3 -m tests.helpers.gendocs``) and the tests
 take the check names from the registry: :data:`FINDING_NAMES`.  What the checks hold
 the kernel to comes from ``arch/x86/kernel/espfix_64.c`` (``init_espfix_ap()``: the
 clone counts, ``PGTABLE_PROT``, the PTE protection), ``arch/x86/mm/pti.c``

@@ -156,7 +156,7 @@ def test_report_writers_print_what_dumps_prints(inspect, spec, fault, host):
     import io
 
     from inspector import report
-    from tests.faults import BY_NAME
+    from tests.helpers.faults import BY_NAME
     k = kernel(**SPECS[spec])
     if fault != "clean":
         BY_NAME[fault](k)
