@@ -270,11 +270,6 @@ def crash_context(state: EspfixState, registers: list[CpuRegisters]) -> CrashCon
     return ctx
 
 
-def dump_notes(state: EspfixState) -> list[str]:
-    """What a dump target noted while opening (symbol source, relocation...)."""
-    return list(getattr(state.reader.target, "notes", None) or [])
-
-
 def dump_crash_context(state: EspfixState) -> CrashContext | None:
     """The crash context of a dump target, None for /proc/kcore and snapshots."""
     dump = getattr(state.reader.target, "dump", None)

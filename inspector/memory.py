@@ -155,6 +155,3 @@ class RecordingMemory:
             self.phys[paddr] = data
         return data
 
-
-def u64(data: bytes, off: int = 0) -> int:
-    return struct.unpack_from("<Q", data, off)[0]

@@ -271,9 +271,6 @@ class GroupLayout:
     def pud_slots(self) -> range:
         return pud_slots(self.pud_index)
 
-    def pte_indices(self, page: int) -> range:
-        return pte_slots(page)
-
     def as_dict(self) -> dict:
         return {"group": self.group, "pud_slots": list(self.pud_slots),
                 "cpus": format_cpu_list(self.cpus),

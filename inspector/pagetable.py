@@ -129,6 +129,3 @@ class PageTableWalker:
                 return Walk(vaddr, tuple(steps), base | (vaddr & (size - 1)), size, None)
             table = self.entry_addr(entry)
         raise AssertionError("unreachable: the last level maps a page")
-
-    def translate(self, pgd_paddr: int, vaddr: int) -> int | None:
-        return self.walk(pgd_paddr, vaddr).phys
