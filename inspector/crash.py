@@ -195,6 +195,7 @@ def _pair_notes(state: EspfixState, notes: list[CpuRegisters],
     by_gs = {o: c for c, o in enumerate(offsets)}
     cpus = state.online or state.possible
     out: dict[int, tuple[CpuRegisters, str, bool | None]] = {}
+    confirmed: bool | None
     for i, regs in enumerate(notes):
         gs = regs.get("gs_base")
         kernel = not (regs.get("cs") or 0) & 3

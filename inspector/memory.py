@@ -14,7 +14,6 @@ which is what ``snapshot`` writes out.
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
 from collections.abc import Sequence
 

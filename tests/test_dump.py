@@ -112,7 +112,8 @@ def test_snapshot_of_a_dump_validates_the_same(tmp_path, capsys):
     assert _run(capsys, "snapshot", "--core", dump, "-o", snap)[0] == 0
     _, a, _ = _run(capsys, "stacks", "--core", dump, "--json")
     _, b, _ = _run(capsys, "stacks", "--core", snap, "--json")
-    assert [c["frame"] for c in jsonschemas.loads(a)["cpus"]] == [c["frame"] for c in jsonschemas.loads(b)["cpus"]]
+    assert ([c["frame"] for c in jsonschemas.loads(a)["cpus"]]
+            == [c["frame"] for c in jsonschemas.loads(b)["cpus"]])
     assert os.path.getsize(snap) < os.path.getsize(dump)
 
 
