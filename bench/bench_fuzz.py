@@ -18,7 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests import fuzz  # noqa: E402
+from tests.helpers import fuzz  # noqa: E402
 
 
 def main() -> int:

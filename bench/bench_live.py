@@ -63,7 +63,7 @@ def main() -> int:
     for d in docs:
         m, r = d["median"], d.get("ratio_to_drgn", {})
 
-        def cell(name: str) -> str:
+        def cell(name: str, m: dict = m, r: dict = r) -> str:
             wall = m[name]["wall"]
             return f"{wall:6.2f} ({r[name]:.2f}x)" if name in r else f"{wall:6.2f}        "
         rounds = [x["round_cost"]["cpu_seconds"] for x in d["runs"].get("watch", [])

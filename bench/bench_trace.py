@@ -60,7 +60,7 @@ def main() -> int:
     end = [json.loads(x) for x in out.splitlines() if '"event": "stop"' in x][-1]
     syscalls = 2 * BYTES
     rows = [
-        ("dd bs=1, %d syscalls" % syscalls, base_dd, traced_dd),
+        (f"dd bs=1, {syscalls} syscalls", base_dd, traced_dd),
         ("CPU offline+online", base_hp, traced_hp),
     ]
     print(f"{'WHAT':28} {'NO PROBES':>10} {'PROBES':>10} {'DELTA':>10}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: the CLI on synthetic cores from 64 to 131,072 online CPUs, end to end.
 
-For each size a synthetic 5-level core (tests/synthcore.py, every CPU online and set
-up) is written once into a temporary directory (not timed; by `python3 -m tests.mkcore`
+For each size a synthetic 5-level core (tests/helpers/synthcore.py, every CPU online and set
+up) is written once into a temporary directory (not timed; by `python3 -m tests.helpers.mkcore`
 in its own process, so that this one stays small: a child's peak RSS from wait4 also
 counts the parent's pages at exec).  Then, --repeat times each and alternating, a
 fresh process runs
@@ -99,7 +99,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(s) for s in args.sizes.split(",")]:
-            subprocess.run([sys.executable, "-m", "tests.mkcore", "-o", f"{tmp}/{n}", "--cpus",
+            subprocess.run([sys.executable, "-m", "tests.helpers.mkcore", "-o", f"{tmp}/{n}", "--cpus",
                             str(n), "--levels", "5"], cwd=ROOT, check=True, capture_output=True)
             core, syms = f"{tmp}/{n}/kernel.core", f"{tmp}/{n}/kallsyms"
             cmds = {"validate": [*py, "validate", "--json", "--core", core, "--symbols", syms],

@@ -4,7 +4,7 @@ Each check is a small function ``check_<name>(ctx) -> Iterable[Finding]`` that
 declares itself through :func:`check` into the registry :data:`CHECKS`: its name,
 the other finding names it emits, a one-line summary, the severities it can emit and
 the kernel source it holds the state to.  :func:`audit` runs them all.  The metrics
-(:mod:`inspector.prom`), ``docs/checks.md`` (``python3 -m tests.gendocs``) and the tests
+(:mod:`inspector.prom`), ``docs/checks.md`` (``python3 -m tests.helpers.gendocs``) and the tests
 take the check names from the registry: :data:`FINDING_NAMES`.  What the checks hold
 the kernel to comes from ``arch/x86/kernel/espfix_64.c`` (``init_espfix_ap()``: the
 clone counts, ``PGTABLE_PROT``, the PTE protection), ``arch/x86/mm/pti.c``
@@ -349,7 +349,7 @@ def _uniform_randomness(ctx: Context) -> Randomness | None:
     info = ctx.state.info
     candidates = []
     try:
-        candidates.append(Randomness(info.page_random, info.slot_random))
+        candidates.append(Randomness(info.page_random, info.slot_random))  # type: ignore[arg-type]  # None: TypeError
     except (TypeError, ValueError):
         pass
     try:
@@ -419,7 +419,8 @@ def _stack_pages_in_use(ctx: Context) -> dict[int, int]:
         pages = seen.setdefault(cpu // ESPFIX_STACKS_PER_PAGE, set())
         pages.add(None if w.phys is None else w.phys & ~0xFFF)
         pages.add(None if waddr is None else waddr & ~0xFFF)
-    return {idx: p.pop() for idx, p in seen.items() if len(p) == 1 and None not in p}
+    return {idx: p.pop() for idx, p in seen.items()     # type: ignore[misc]  # None not in p
+            if len(p) == 1 and None not in p}
 
 
 @check("espfix_waddr", "espfix_waddr == espfix_pages[n/64] + (espfix_stack & 0xfff).",
@@ -558,7 +559,7 @@ def check_pte_clones(ctx: Context) -> Iterable[Finding]:
         if not pmd_e & PAGE_PRESENT:
             continue
         pte = st.walker.table(ctx.addr(pmd_e))
-        pages_in_group = {idx ^ ctx.rnd.page_random: idx for idx in ctx.used_pages
+        pages_in_group = {idx ^ ctx.rnd.page_random: idx for idx in ctx.used_pages  # type: ignore[union-attr]
                           if idx // PTE_STRIDE == g}
         used_slots: set[int] = set()
         for page, idx in sorted(pages_in_group.items()):
@@ -629,9 +630,9 @@ def check_walk(ctx: Context) -> Iterable[Finding]:
         pob = st.info.page_offset_base
         offsets = [(waddr - pob) & MASK64 for waddr in ctx.waddrs]    # direct_map_pa()
         if max(offsets) < DIRECT_MAP_SIZE[st.info.levels]:
-            want = list(map(operator.rshift, offsets, repeat(12)))
+            want_pfns = list(map(operator.rshift, offsets, repeat(12)))
             if all(list(map({b: w.phys >> 12 for (b, u), w in walks.items()    # type: ignore
-                             if u == user}.__getitem__, bases)) == want for user in roots):
+                             if u == user}.__getitem__, bases)) == want_pfns for user in roots):
                 return              # every CPU reaches its espfix_waddr page: no finding
     for cpu, stack, waddr in zip(ctx.initialised, ctx.stacks, ctx.waddrs):
         want = st.direct_map_pa(waddr)

@@ -195,6 +195,7 @@ def _pair_notes(state: EspfixState, notes: list[CpuRegisters],
     by_gs = {o: c for c, o in enumerate(offsets)}
     cpus = state.online or state.possible
     out: dict[int, tuple[CpuRegisters, str, bool | None]] = {}
+    confirmed: bool | None
     for i, regs in enumerate(notes):
         gs = regs.get("gs_base")
         kernel = not (regs.get("cs") or 0) & 3
@@ -268,11 +269,6 @@ def crash_context(state: EspfixState, registers: list[CpuRegisters]) -> CrashCon
                     break
         ctx.cpus[cpu] = cc
     return ctx
-
-
-def dump_notes(state: EspfixState) -> list[str]:
-    """What a dump target noted while opening (symbol source, relocation...)."""
-    return list(getattr(state.reader.target, "notes", None) or [])
 
 
 def dump_crash_context(state: EspfixState) -> CrashContext | None:

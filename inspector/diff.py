@@ -213,14 +213,14 @@ def diff_docs(a: Side, b: Side) -> DiffResult:
 
     fa = {_finding_key(f): f for f in a.doc["findings"]}
     fb = {_finding_key(f): f for f in b.doc["findings"]}
-    for key in sorted(fa.keys() - fb.keys(), key=repr):
-        out.append(Difference("findings", "only in A", _fmt_finding(fa[key]), None))
-    for key in sorted(fb.keys() - fa.keys(), key=repr):
-        out.append(Difference("findings", "only in B", None, _fmt_finding(fb[key])))
-    for key in sorted(fa.keys() & fb.keys(), key=repr):
-        if fa[key].get("message") != fb[key].get("message"):
-            out.append(Difference("findings", "message", _fmt_finding(fa[key]),
-                                  _fmt_finding(fb[key]), "same check, CPU and scope"))
+    for fkey in sorted(fa.keys() - fb.keys(), key=repr):
+        out.append(Difference("findings", "only in A", _fmt_finding(fa[fkey]), None))
+    for fkey in sorted(fb.keys() - fa.keys(), key=repr):
+        out.append(Difference("findings", "only in B", None, _fmt_finding(fb[fkey])))
+    for fkey in sorted(fa.keys() & fb.keys(), key=repr):
+        if fa[fkey].get("message") != fb[fkey].get("message"):
+            out.append(Difference("findings", "message", _fmt_finding(fa[fkey]),
+                                  _fmt_finding(fb[fkey]), "same check, CPU and scope"))
     if a.doc.get("ok") != b.doc.get("ok"):
         out.append(Difference("verdict", "ok", a.doc.get("ok"), b.doc.get("ok")))
     return res

@@ -248,7 +248,7 @@ class ElfCore:
     def close(self) -> None:
         self._fh.close()
 
-    def __enter__(self) -> "ElfCore":
+    def __enter__(self) -> ElfCore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from .elfcore import NO_PADDR
 from .fileio import atomic_output

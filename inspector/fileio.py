@@ -20,12 +20,12 @@ import os
 import stat
 from contextlib import contextmanager
 
+from .errors import InspectError
+
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import BinaryIO
-
-from .errors import InspectError
 
 __all__ = ["open_regular", "read_bounded", "atomic_output", "MiB"]
 

@@ -16,6 +16,10 @@ from .errors import InspectError
 from .model import ESPFIX_MAX_CPUS, parse_cpu_list
 from .records import asdict, dataclass, field
 
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 __all__ = ["HostFacts", "read_host_facts"]
 
 SYS = "/sys/devices/system"
@@ -44,7 +48,7 @@ class HostFacts:
         return d
 
     @classmethod
-    def from_dict(cls, d: object, source: str = "host facts") -> "HostFacts":
+    def from_dict(cls, d: object, source: str = "host facts") -> HostFacts:
         """Facts saved by :meth:`as_dict` (a snapshot's metadata), checked field by field:
         a snapshot may come from anywhere.  Raises InspectError naming the field."""
         if not isinstance(d, dict):
@@ -61,7 +65,7 @@ class HostFacts:
 MAX_NUMNODES = 1024
 
 
-def _bad(source: str, key: str, want: str) -> None:
+def _bad(source: str, key: str, want: str) -> NoReturn:
     raise InspectError(f"{source}: field {key!r} is not {want}",
                        "the snapshot's metadata is damaged: capture the snapshot again")
 

@@ -153,7 +153,7 @@ def _column_text(values: list, level: int, hex: bool = False) -> list[str]:
     kinds = set(map(type, values))
     if hex and kinds <= {int, _NONE}:
         if _NONE in kinds:
-            return ['"%#x"' % v if v is not None else "null" for v in values]
+            return [f'"{v:#x}"' if v is not None else "null" for v in values]
         return list(map('"%#x"'.__mod__, values))
     if kinds <= {str}:
         return list(map(_str, values))

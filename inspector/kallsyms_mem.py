@@ -42,6 +42,7 @@ a caller-supplied ``read(vaddr, size)``: this module needs no page tables.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Callable
 
 from .errors import InspectError
@@ -64,7 +65,7 @@ VALID_TYPES = frozenset("ABbCDdGgiNnpRrSsTtUuVvWw?")
 Reader = Callable[[int, int], bytes]
 
 
-def _sym(info: dict[str, str], name: str) -> int | None:
+def _sym(info: Mapping[str, str], name: str) -> int | None:
     v = info.get(f"SYMBOL({name})")
     if v is None:
         return None
@@ -74,7 +75,16 @@ def _sym(info: dict[str, str], name: str) -> int | None:
         return None
 
 
-def has_kallsyms_tables(info: dict[str, str]) -> bool:
+def _need(info: Mapping[str, str], name: str) -> int:
+    """A ``SYMBOL(name)`` that :func:`has_kallsyms_tables` has already required."""
+    addr = _sym(info, name)
+    if addr is None:
+        raise InspectError(f"VMCOREINFO has no usable SYMBOL({name})",
+                           "the dump is damaged; " + PASS_SYMBOLS)
+    return addr
+
+
+def has_kallsyms_tables(info: Mapping[str, str]) -> bool:
     return all(_sym(info, k) is not None for k in KALLSYMS_KEYS) and (
         _sym(info, "kallsyms_offsets") is not None or _sym(info, "kallsyms_addresses") is not None)
 
@@ -82,16 +92,16 @@ def has_kallsyms_tables(info: dict[str, str]) -> bool:
 class KallsymsTables:
     """The raw tables, read once."""
 
-    def __init__(self, info: dict[str, str], read: Reader, source: str) -> None:
+    def __init__(self, info: Mapping[str, str], read: Reader, source: str) -> None:
         self.source = source
         self.read = read
         self.info = info
-        self.num_syms = struct.unpack("<I", read(_sym(info, "kallsyms_num_syms"), 4))[0]
+        self.num_syms = struct.unpack("<I", read(_need(info, "kallsyms_num_syms"), 4))[0]
         if not 0 < self.num_syms <= MAX_SYMS:
             raise InspectError(f"{source}: kallsyms_num_syms reads as {self.num_syms}",
                                "the dump is damaged; " + PASS_SYMBOLS)
-        self.token_index = struct.unpack("<256H", read(_sym(info, "kallsyms_token_index"), 512))
-        self.tokens = self._tokens(_sym(info, "kallsyms_token_table"))
+        self.token_index = struct.unpack("<256H", read(_need(info, "kallsyms_token_index"), 512))
+        self.tokens = self._tokens(_need(info, "kallsyms_token_table"))
 
     def _tokens(self, table: int) -> list[bytes]:
         size = max(self.token_index) + 1024
@@ -111,7 +121,7 @@ class KallsymsTables:
     def names(self, big: bool) -> list[tuple[str, str]] | None:
         """(type, name) per symbol, or None when the stream does not decode
         cleanly under this reading of the length byte."""
-        base = _sym(self.info, "kallsyms_names")
+        base = _need(self.info, "kallsyms_names")
         buf = b""
         tokens = self.tokens
         out: list[tuple[str, str]] = []
@@ -169,7 +179,7 @@ class KallsymsTables:
         return cands
 
 
-def decode_kallsyms(info: dict[str, str], read: Reader, source: str) -> SymbolTable:
+def decode_kallsyms(info: Mapping[str, str], read: Reader, source: str) -> SymbolTable:
     """The kernel's symbol table, decoded from its kallsyms tables through *read*
     (kernel-image virtual address, size -> bytes).
 

@@ -52,6 +52,10 @@ from .fileio import open_regular
 from .memory import CoreMemory
 from .x86 import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["DumpCore", "DumpMemory", "CpuRegisters", "sniff", "is_vmcore",
            "import_kdumpfile", "DISKDUMP_SIGNATURE", "FLAT_SIGNATURE", "REGISTER_NAMES"]
 
@@ -81,7 +85,7 @@ def import_kdumpfile(path: str):
     """The ``kdumpfile`` module, or one clear error naming the Debian package."""
     try:
         import kdumpfile                       # Debian: python3-libkdumpfile
-        import kdumpfile.exceptions            # noqa: F401
+        import kdumpfile.exceptions
     except ImportError:
         raise InspectError(
             f"{path} is a crash dump, and reading it needs libkdumpfile's Python module "
@@ -182,7 +186,7 @@ class DumpCore:
         self.notes: list[Note] = []
         self.reassembled = False          # a flattened stream put back in place
         self.dump_level: int | None = None   # makedumpfile -d, kdump-compressed only
-        self._tmp = None
+        self._tmp: Any = None            # the reassembled flattened dump (a temporary file)
         self._fh, self.kind = _open_dump(path)
         try:
             kdumpfile = import_kdumpfile(path)
@@ -195,7 +199,8 @@ class DumpCore:
         # does not use (and which fails on layouts it does not recognise).  Outside
         # Xen, machine-physical and physical addresses are the same.
         self._PHYS = kdumpfile.KDUMP_MACHPHYSADDR
-        self._k = self._file_map = self._mem_map = None
+        self._k: Any = None              # a kdumpfile.kdumpfile (no type information)
+        self._file_map = self._mem_map = None
         try:
             self._open(kdumpfile)
             self._load_meta()
@@ -409,7 +414,7 @@ class DumpCore:
             self._fh.close()
             self._fh = None
 
-    def __enter__(self) -> "DumpCore":
+    def __enter__(self) -> DumpCore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,7 +12,6 @@ Facts:
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 
 from .errors import InspectError
@@ -122,7 +121,3 @@ class SharedPage:
         if self.addr:
             _libc.munmap(self.addr, self.SIZE)
             self.addr = 0
-
-
-def errno_name(e: OSError) -> str:
-    return errno.errorcode.get(e.errno or 0, str(e.errno))

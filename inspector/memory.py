@@ -14,7 +14,6 @@ which is what ``snapshot`` writes out.
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
 from collections.abc import Sequence
 
@@ -155,6 +154,3 @@ class RecordingMemory:
             self.phys[paddr] = data
         return data
 
-
-def u64(data: bytes, off: int = 0) -> int:
-    return struct.unpack_from("<Q", data, off)[0]

@@ -26,6 +26,10 @@ from .x86 import (MASK64, P4D_SHIFT, P4D_SIZE, PAGE_SHIFT, PAGE_SIZE, PGDIR_SHIF
                   PGDIR_SHIFT_L5, PMD_SHIFT, PTRS_PER_PMD, PTRS_PER_PTE, PTRS_PER_TABLE,
                   PUD_SHIFT)
 
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = [
     "PAGE_SIZE", "PAGE_SHIFT", "ESPFIX_BASE_ADDR", "ESPFIX_STACK_SIZE",
     "ESPFIX_STACKS_PER_PAGE", "ESPFIX_PAGE_SPACE", "ESPFIX_MAX_CPUS",
@@ -94,7 +98,7 @@ class Randomness:
             raise ValueError(f"slot_random must be 0..{ESPFIX_STACKS_PER_PAGE - 1}")
 
     @classmethod
-    def from_rand(cls, rand: int) -> "Randomness":
+    def from_rand(cls, rand: int) -> Randomness:
         rand &= MASK64
         return cls((rand // ESPFIX_STACKS_PER_PAGE) & (ESPFIX_PAGE_SPACE - 1),
                    rand % ESPFIX_STACKS_PER_PAGE)
@@ -213,7 +217,7 @@ class CpuLayout:
     group: int           # cpu / 1024: shares PUD slots, PMD and PTE page
     indices: dict[str, int]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"cpu": self.cpu, "espfix_stack": f"{self.espfix_stack:#x}",
                 "page": self.page, "slot": self.slot,
                 "espfix_pages_index": self.page_index, "group": self.group,
@@ -271,10 +275,7 @@ class GroupLayout:
     def pud_slots(self) -> range:
         return pud_slots(self.pud_index)
 
-    def pte_indices(self, page: int) -> range:
-        return pte_slots(page)
-
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"group": self.group, "pud_slots": list(self.pud_slots),
                 "cpus": format_cpu_list(self.cpus),
                 "stack_pages": [{"espfix_pages_index": i, "page": p,
@@ -323,7 +324,7 @@ class MemoryCost:
     def bytes(self) -> int:
         return self.pages * PAGE_SIZE
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"nr_cpus": self.cpus, "stack_pages": self.stack_pages,
                 "pmd_pages": self.pmd_pages, "pte_pages": self.pte_pages,
                 "pud_pages": 1, "pages": self.pages, "bytes": self.bytes}

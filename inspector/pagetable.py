@@ -19,8 +19,12 @@ from .memory import MemorySource
 from .records import dataclass
 from .x86 import (PAGE_ACCESSED, PAGE_DIRTY, PAGE_GLOBAL, PAGE_MASK, PAGE_NX, PAGE_PCD,
                   PAGE_PRESENT, PAGE_PSE, PAGE_PWT, PAGE_RW, PAGE_SHIFT, PAGE_USER,
-                  PGDIR_SHIFT_L4, PGDIR_SHIFT_L5, P4D_SHIFT, PMD_SHIFT, 
+                  PGDIR_SHIFT_L4, PGDIR_SHIFT_L5, P4D_SHIFT, PMD_SHIFT,
                   PTE_PFN_MASK, PTRS_PER_TABLE, PUD_SHIFT)
+
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Level", "LEVELS_4", "LEVELS_5", "Step", "Walk", "PageTableWalker",
            "decode_flags", "PAGE_PRESENT", "PAGE_RW", "PAGE_USER", "PAGE_PWT",
@@ -65,7 +69,7 @@ class Step:
     table: int      # physical address of the table page
     entry: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"level": self.level, "index": self.index, "table": f"{self.table:#x}",
                 "entry": f"{self.entry:#x}", "flags": decode_flags(self.entry)}
 
@@ -129,6 +133,3 @@ class PageTableWalker:
                 return Walk(vaddr, tuple(steps), base | (vaddr & (size - 1)), size, None)
             table = self.entry_addr(entry)
         raise AssertionError("unreachable: the last level maps a page")
-
-    def translate(self, pgd_paddr: int, vaddr: int) -> int | None:
-        return self.walk(pgd_paddr, vaddr).phys

@@ -27,7 +27,7 @@ TEXTFILE_NAME = "espfix_inspect.prom"
 
 P = "espfix_inspect_"
 #: name as written in the file -> (type, help, label names).  docs/metrics.md is generated
-#: from this dict (``python3 -m tests.gendocs``); tests/test_prom.py holds the textfile to it.
+#: from this dict (``python3 -m tests.helpers.gendocs``); tests/test_prom.py holds the textfile to it.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     P + "up": ("gauge", "1 if the last round could read the kernel's espfix state, 0 if it "
                         "could not (see the watch log for the cause).", ()),

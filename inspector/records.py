@@ -51,7 +51,7 @@ class Field:
         self.repr = repr
 
 
-def field(*, default=MISSING, default_factory=MISSING, repr: bool = True):
+def _field(*, default=MISSING, default_factory=MISSING, repr: bool = True):
     """A field with a default, a default factory, or left out of ``repr``."""
     return Field(default, default_factory, repr)
 
@@ -124,12 +124,12 @@ def _process(cls: type, frozen: bool) -> type:
         def __setattr__(self, name: str, value) -> None:
             if type(self) is cls or name in names:
                 raise FrozenInstanceError(f"cannot assign to field {name!r}")
-            super(cls, self).__setattr__(name, value)
+            super(cls, self).__setattr__(name, value)   # type: ignore[arg-type]  # cls is a class
 
         def __delattr__(self, name: str) -> None:
             if type(self) is cls or name in names:
                 raise FrozenInstanceError(f"cannot delete field {name!r}")
-            super(cls, self).__delattr__(name)
+            super(cls, self).__delattr__(name)          # type: ignore[arg-type]  # cls is a class
 
         def __hash__(self) -> int:
             return hash(tuple(getattr(self, n) for n in names))
@@ -141,18 +141,18 @@ def _process(cls: type, frozen: bool) -> type:
     if not frozen and "__hash__" not in cls.__dict__:
         cls.__hash__ = None             # type: ignore[assignment]  # eq without frozen
     cls.__record_fields__ = tuple(fields)   # type: ignore[attr-defined]
-    cls.__match_args__ = names              # type: ignore[attr-defined]
+    cls.__match_args__ = names              # type: ignore[attr-defined,misc]
     return cls
 
 
-def dataclass(cls: type | None = None, *, frozen: bool = False):
+def _dataclass(cls: type | None = None, *, frozen: bool = False):
     """The record decorator: ``@dataclass`` or ``@dataclass(frozen=True)``."""
     if cls is None:
         return lambda c: _process(c, frozen)
     return _process(cls, frozen)
 
 
-def asdict(obj) -> dict:
+def _asdict(obj) -> dict:
     """A record as a dict, records, lists, tuples and dicts inside converted too."""
     return _plain(obj)
 
@@ -165,3 +165,12 @@ def _plain(obj):
     if isinstance(obj, dict):
         return {_plain(k): _plain(v) for k, v in obj.items()}
     return obj
+
+
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    # Type checkers see the standard library's, whose behaviour these copy (and
+    # tests/test_records.py holds them to), so mypy knows each record's __init__.
+    from dataclasses import asdict, dataclass, field
+else:
+    dataclass, field, asdict = _dataclass, _field, _asdict

@@ -96,7 +96,7 @@ class SymbolTable:
             self.addresses[name], self.types[name] = found
         return found is not None
 
-    def shifted(self, offset: int) -> "SymbolTable":
+    def shifted(self, offset: int) -> SymbolTable:
         """The table as seen in a kernel whose image moved by *offset* bytes."""
         if not offset:
             return self

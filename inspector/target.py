@@ -15,6 +15,8 @@ a symbol file from another build and is refused.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .elfcore import ElfCore, is_vmcore
 from .errors import InspectError
 from .fileio import open_regular
@@ -23,6 +25,10 @@ from .records import dataclass, field
 from .symbols import SymbolKind, SymbolTable, load_symbols, parse_symbol_text
 from .vmcoreinfo import VmcoreInfo
 from .x86 import MASK64, is_image_address, pa_symbol, signed64
+
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from .kdump import DumpCore
 
 __all__ = ["Target", "open_target", "SNAPSHOT_NOTE", "NT_SYMBOLS", "NT_META",
            "KCORE_PATH", "KALLSYMS_PATH", "LIVE_SYMBOLS", "live_symbol_names", "is_live"]
@@ -134,7 +140,7 @@ def _vmcoreinfo_symbols(info: VmcoreInfo) -> dict[str, int]:
             if name not in POINTER_VALUED and is_image_address(addr)}
 
 
-def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolTable:
+def bind_symbols(syms: SymbolTable, core: ElfCore | DumpCore, mem: MemorySource) -> SymbolTable:
     """Shift *syms* to the running image and prove it belongs to *core*."""
     info = core.vmcoreinfo
     release = info.osrelease or "?"
@@ -186,7 +192,7 @@ def bind_symbols(syms: SymbolTable, core: ElfCore, mem: MemorySource) -> SymbolT
     return chosen
 
 
-def _read_image(core: ElfCore, vaddr: int, syms: SymbolTable, info: VmcoreInfo) -> bytes | None:
+def _read_image(core: ElfCore | DumpCore, vaddr: int, syms: SymbolTable, info: VmcoreInfo) -> bytes | None:
     """Read a kernel-image address through its physical alias (vmcores
     without a kernel-text segment)."""
     if not is_image_address(vaddr) or info.phys_base is None:
@@ -206,7 +212,7 @@ LIVE_SYMBOLS = (
 )
 
 
-def live_symbol_names(info: dict[str, str]) -> list[str]:
+def live_symbol_names(info: Mapping[str, str]) -> list[str]:
     """:data:`LIVE_SYMBOLS` and every name VMCOREINFO exports as ``SYMBOL(name)``
     (:func:`bind_symbols` compares them all, and snapshots embed them)."""
     exported = [k[7:-1] for k in info if k.startswith("SYMBOL(") and k.endswith(")")]

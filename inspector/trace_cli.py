@@ -15,6 +15,10 @@ from .model import parse_cpu_list
 from .safetext import print_out
 from .target import KCORE_PATH
 
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from .target import Target
+
 EXAMPLES = """examples:
     espfix-inspect trace                 # everything, until Ctrl-C
     espfix-inspect trace 30              # for 30 seconds
@@ -94,7 +98,7 @@ class LiveVerifier:
     page cache (Target.fresh_memory), as `watch` does."""
 
     def __init__(self) -> None:
-        self.target = None
+        self.target: Target | None = None
 
     def verify(self, cpu: int) -> dict:
         from .audit import audit
@@ -103,8 +107,9 @@ class LiveVerifier:
         try:
             if self.target is None:
                 self.target = open_target(KCORE_PATH, None)
-            self.target.fresh_memory()
-            state = load_state(self.target)
+            target = self.target
+            target.fresh_memory()
+            state = load_state(target)
             result = audit(state)
         except InspectError as e:
             self.close()
@@ -125,8 +130,9 @@ class LiveVerifier:
         try:
             if self.target is None:
                 self.target = open_target(KCORE_PATH, None)
-            self.target.fresh_memory()
-            state = load_state(self.target)
+            target = self.target
+            target.fresh_memory()
+            state = load_state(target)
             return ({c for c, st in state.cpus.items() if st.initialised},
                     "espfix_stack read through /proc/kcore")
         except (InspectError, OSError, ValueError) as e:

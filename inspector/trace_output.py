@@ -18,7 +18,7 @@ trace began (inspector/schemas/trace.schema.json).  The probes' own dicts name t
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import Callable
 
 from .schema import schema_id
 from .trace_summary import InitSummary, render_text, summary_json
@@ -63,8 +63,8 @@ class TraceOutput:
         self.write = write
         self.events = events            # False: --summary, no per-event output
 
-    def start(self, tracing: str, missing: list[str], pid: Optional[int],
-              duration: Optional[float]) -> None: ...
+    def start(self, tracing: str, missing: list[str], pid: int | None,
+              duration: float | None) -> None: ...
 
     def holders(self, holders: list[dict], walked: int, cut: bool) -> None: ...
 
@@ -81,8 +81,8 @@ class TraceOutput:
 
 
 class TextTrace(TraceOutput):
-    def start(self, tracing: str, missing: list[str], pid: Optional[int],
-              duration: Optional[float]) -> None:
+    def start(self, tracing: str, missing: list[str], pid: int | None,
+              duration: float | None) -> None:
         self.write(f"Tracing {tracing}" + (f" for pid {pid}" if pid else "")
                    + (f" for {duration:g} s" if duration else "") + ". Ctrl-C to end.")
         for m in missing:
@@ -132,8 +132,8 @@ class JsonTrace(TraceOutput):
         self.write(json.dumps({"schema": SCHEMA, "event": event, "time": now_iso(),
                                **{k: v for k, v in fields.items() if k != "type"}}))
 
-    def start(self, tracing: str, missing: list[str], pid: Optional[int],
-              duration: Optional[float]) -> None:
+    def start(self, tracing: str, missing: list[str], pid: int | None,
+              duration: float | None) -> None:
         self._doc("start", {"tracing": tracing, "missing": missing})
 
     def holders(self, holders: list[dict], walked: int, cut: bool) -> None:

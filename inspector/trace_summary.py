@@ -39,7 +39,7 @@ import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .model import CPUS_PER_GROUP, ESPFIX_STACKS_PER_PAGE, format_cpu_list, memory_cost
 
@@ -173,7 +173,7 @@ class Latency:
     hist_us: tuple[int, ...]      # log2 buckets of whole microseconds, as funclatency -u
 
     @classmethod
-    def of(cls, latencies_ns: Sequence[int]) -> "Latency":
+    def of(cls, latencies_ns: Sequence[int]) -> Latency:
         srt = sorted(latencies_ns)
         return cls(len(srt), sum(srt), percentile(srt, 50), percentile(srt, 90),
                    percentile(srt, 99), srt[-1] if srt else None,
@@ -298,7 +298,7 @@ def summarize(events: Iterable[dict], initialised_before: Iterable[int],
     return InitSummary(
         calls=len(inits), set_up=outcomes[Outcome.SET_UP],
         early_return=outcomes[Outcome.EARLY_RETURN], not_set=outcomes[Outcome.NOT_SET],
-        latency=latency, by_outcome={o: l for o, l in by_outcome.items() if l.calls},
+        latency=latency, by_outcome={o: lat for o, lat in by_outcome.items() if lat.calls},
         control=control, max_in_flight=max_in_flight(spans),
         span_ns=(max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0,
         observed=observed, predicted=predicted, layout_pages=layout_pages,

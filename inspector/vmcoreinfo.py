@@ -21,13 +21,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from .errors import InspectError
+from .x86 import KERNEL_IMAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PHYSICAL_MASK_SHIFT
+
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import NoReturn
-
-from .errors import InspectError
-from .x86 import KERNEL_IMAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PHYSICAL_MASK_SHIFT
 
 __all__ = ["VmcoreInfo"]
 
@@ -59,7 +59,7 @@ class VmcoreInfo(Mapping):       # of str to str
         self.symbols: dict[str, int] = self._symbols()
 
     @classmethod
-    def parse(cls, desc: bytes, source: str) -> "VmcoreInfo":
+    def parse(cls, desc: bytes, source: str) -> VmcoreInfo:
         """Parse the note's bytes (latin-1, so any byte is a character)."""
         raw: dict[str, str] = {}
         for line in desc.rstrip(b"\0").decode("latin-1").splitlines():
@@ -130,7 +130,7 @@ class VmcoreInfo(Mapping):       # of str to str
         return n
 
     def _symbols(self) -> dict[str, int]:
-        out = {}
+        out: dict[str, int] = {}
         for key in self._raw:
             if key.startswith("SYMBOL(") and key.endswith(")"):
                 out[key[7:-1]] = self._hex_any(key)       # type: ignore[assignment]

@@ -31,5 +31,5 @@ class StrEnum(str, Enum):
     """A ``str`` enum whose members print, format, hash and serialise as their value."""
 
     __str__ = str.__str__
-    __format__ = str.__format__
+    __format__ = str.__format__             # type: ignore[assignment]  # str's, on purpose
     __hash__ = str.__hash__

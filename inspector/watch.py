@@ -17,7 +17,8 @@ kernel uevents, else a poll of ``/sys/devices/system/cpu/online``) triggers a ro
 at once; SIGHUP re-reads the configuration (:mod:`inspector.watch_config`).
 
 Events are dataclasses (:mod:`inspector.watch_events`) handed to an ``emit``
-callback, which renders them (text or JSON).  Rendering the Prometheus textfile is a layer above (``inspector/prom.py``); it
+callback, which renders them (text or JSON).  Rendering the Prometheus textfile is a layer
+above (``inspector/prom.py``); it
 receives each :class:`RoundResult` through the ``on_round`` callback.
 """
 
@@ -175,7 +176,7 @@ class Watcher:
         if self.config.textfile:
             ev.textfile = {"written": res.output_error is None, "error": res.output_error}
         if res.up:
-            counts = Counter(f.severity for f in res.findings)
+            counts: Counter[str] = Counter(f.severity for f in res.findings)
             ev.summary = {s: counts.get(s, 0) for s in ("error", "warning", "info")}
             ev.osrelease = res.osrelease
             ev.cpus_possible = format_cpu_list(res.possible)

@@ -33,7 +33,7 @@ class WatchConfig:
     frames: bool = True                 # compare ministack frames between rounds
     hotplug: str = "auto"               # auto (uevents, else poll), poll, off
 
-    def changes(self, other: "WatchConfig") -> dict[str, list]:
+    def changes(self, other: WatchConfig) -> dict[str, list]:
         return {f.name: [getattr(self, f.name), getattr(other, f.name)] for f in fields(self)
                 if getattr(self, f.name) != getattr(other, f.name)}
 

@@ -21,6 +21,10 @@ from inspector.trace_summary import Outcome
 from inspector import model, x86
 from inspector.x86 import decode_user_desc, ldt_selector
 
+TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
 BPF_SOURCE = Path(__file__).resolve().with_name("espfix.bpf.c")
 TASK_COMM_LEN = 16
 WALK_CHUNK = 256          # tasks per BPF invocation of the LDT-holder walk
@@ -324,8 +328,8 @@ def init_summary(ev: InitEvent) -> dict:
 
 
 def ldt_summary(ev: LdtEvent) -> dict:
-    out = {"type": "ldt", "ts_ns": ev.ts_ns, "pid": ev.pid, "tid": ev.tid, "comm": ev.comm.decode(errors="replace"),
-           "func": ev.func, "ret": ev.ret}
+    out = {"type": "ldt", "ts_ns": ev.ts_ns, "pid": ev.pid, "tid": ev.tid,
+           "comm": ev.comm.decode(errors="replace"), "func": ev.func, "ret": ev.ret}
     if ev.have_desc:
         d = decode_user_desc(ev.flags)
         empty = ev.base_addr == 0 and ev.limit == 0 and ev.flags in (0, 0x28)
@@ -349,7 +353,7 @@ class TraceSession:
         self.text, self.flags = program_text(plan, syms, pid)
         self.events: list[dict] = []
         self.holders: list[dict] = []
-        self.bpf = None
+        self.bpf: Any = None               # a bcc.BPF (bcc has no type information)
         try:
             self.bpf = BPF(text=self.text, cflags=self.flags)
         except Exception as e:     # BCC raises plain Exception on a compile/load failure
@@ -442,7 +446,7 @@ class TraceSession:
             finally:
                 self.bpf = None
 
-    def __enter__(self) -> "TraceSession":
+    def __enter__(self) -> TraceSession:
         return self
 
     def __exit__(self, *exc: object) -> None:

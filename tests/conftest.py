@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tests.synthcore import SynthKernel, SynthSpec  # noqa: E402
+from tests.helpers.synthcore import SynthKernel, SynthSpec  # noqa: E402
 
 
 @pytest.fixture

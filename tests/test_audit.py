@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import kernel
-from tests.synthcore import RW
-from tests.faults import (f_bad_pages, f_bad_stack, f_bad_waddr, f_cleared_stack,
+from tests.helpers.synthcore import RW
+from tests.helpers.faults import (f_bad_pages, f_bad_stack, f_bad_waddr, f_cleared_stack,
                           f_missing_pmd, f_missing_pte,
                           f_missing_pti, f_missing_pud, f_not_initialised, f_null_pages,
                           f_nx_pte, f_nx_pud, f_statics, f_stray_pte, f_stray_pud,
@@ -210,7 +210,7 @@ from inspector.hostfacts import HostFacts  # noqa: E402
 from inspector.state import load_state  # noqa: E402
 from inspector.target import open_target  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
-from tests.faults import BY_NAME  # noqa: E402
+from tests.helpers.faults import BY_NAME  # noqa: E402
 
 SAMPLES = sorted(glob.glob(os.path.join(ROOT, "samples", "*.core")))
 #: kernel source files a check may cite (paths as in torvalds/linux)
@@ -242,7 +242,7 @@ def test_registry_refuses_a_name_declared_twice():
 
 def fault_kernels():
     """(id, SynthKernel, host facts): a clean kernel of three groups, each fault of
-    tests/faults.py alone, a misaligned KASLR offset, corrupt CPU masks, remote-node
+    tests/helpers/faults.py alone, a misaligned KASLR offset, corrupt CPU masks, remote-node
     ministacks, and several faults at once in a 3000-CPU kernel (findings of several
     checks, in several groups)."""
     out = [("clean-3000", kernel(nr_cpus=3000, pti=True), {})]

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from inspector.cli import main
-from tests import jsonschemas
+from tests.helpers import jsonschemas
 from tests.conftest import ROOT, kernel
-from tests.faults import BY_NAME
+from tests.helpers.faults import BY_NAME
 
 S = os.path.join(ROOT, "samples")
 L5 = os.path.join(S, "bookworm-6.1-l5.core")

@@ -1,4 +1,4 @@
-"""The reference pages in docs/ are what the code generates (tests/gendocs.py): the
+"""The reference pages in docs/ are what the code generates (tests/helpers/gendocs.py): the
 checks table from the check registry, the metrics table from prom.METRICS."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 
 from inspector.audit import CHECKS, FINDING_NAMES
 from inspector.prom import METRICS
-from tests import gendocs
+from tests.helpers import gendocs
 
 
 def test_committed_docs_are_generated_from_the_code():
@@ -38,4 +38,4 @@ def test_check_names_each_stale_page(tmp_path, capsys, monkeypatch):
     assert gendocs.main(["--check"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all(ln.endswith(" differs from the code: run "
-                                             "python3 -m tests.gendocs") for ln in out)
+                                             "python3 -m tests.helpers.gendocs") for ln in out)

@@ -1,7 +1,7 @@
 """Crash dumps on the host: the formats kdump writes, symbols from the dump, the crash
 context, filtered pages and the one-line failures.
 
-The dumps here are synthetic (tests/mkdump.py); real dumps of real kernels are read in
+The dumps here are synthetic (tests/helpers/mkdump.py); real dumps of real kernels are read in
 the VM matrix (tests/vm/test_dumps.py).  libkdumpfile's Python module is Debian's
 python3-libkdumpfile, built for /usr/bin/python3 only: without it these tests skip.
 """
@@ -16,9 +16,9 @@ import sys
 import pytest
 
 from inspector.cli import main
-from tests import jsonschemas
-from tests.mkdump import add_kallsyms, prstatus, write_diskdump, write_elf_vmcore
-from tests.synthcore import build
+from tests.helpers import jsonschemas
+from tests.helpers.mkdump import add_kallsyms, prstatus, write_diskdump, write_elf_vmcore
+from tests.helpers.synthcore import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
@@ -112,7 +112,8 @@ def test_snapshot_of_a_dump_validates_the_same(tmp_path, capsys):
     assert _run(capsys, "snapshot", "--core", dump, "-o", snap)[0] == 0
     _, a, _ = _run(capsys, "stacks", "--core", dump, "--json")
     _, b, _ = _run(capsys, "stacks", "--core", snap, "--json")
-    assert [c["frame"] for c in jsonschemas.loads(a)["cpus"]] == [c["frame"] for c in jsonschemas.loads(b)["cpus"]]
+    assert ([c["frame"] for c in jsonschemas.loads(a)["cpus"]]
+            == [c["frame"] for c in jsonschemas.loads(b)["cpus"]])
     assert os.path.getsize(snap) < os.path.getsize(dump)
 
 

@@ -1,4 +1,4 @@
-"""The input boundary under a deterministic mutation fuzzer (tests/fuzz.py).
+"""The input boundary under a deterministic mutation fuzzer (tests/helpers/fuzz.py).
 
 Every mutant of the real samples and of synthetic cores, symbol files and JSON
 documents must end in exit 0/1, or exit 2 with one line naming a cause, within the
@@ -16,11 +16,11 @@ import sys
 
 import pytest
 
-from tests import fuzz
+from tests.helpers import fuzz
 
 CASES = sorted(glob.glob(os.path.join(fuzz.REGRESSIONS, "*.case.json")))
 #: Mutants in the bounded run (about 20-30 s of CPU on a CI machine); a long run:
-#: python3 -m tests.fuzz --count 20000 --seed N (see README, Input safety).
+#: python3 -m tests.helpers.fuzz --count 20000 --seed N (see README, Input safety).
 COUNT = int(os.environ.get("ESPFIX_FUZZ_COUNT", "1200"))
 
 
@@ -37,7 +37,7 @@ def test_regression_corpus_is_not_empty():
 
 
 def test_bounded_fuzz_run():
-    proc = subprocess.run([sys.executable, "-m", "tests.fuzz", "--count", str(COUNT),
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.fuzz", "--count", str(COUNT),
                            "--seed", "1", "--json"], cwd=fuzz.ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode in (0, 1), proc.stderr[-2000:]

@@ -15,7 +15,7 @@ import pytest
 
 from inspector.cli import main
 from inspector.elfwrite import NoteEntry, write_core
-from tests import fuzz, jsonschemas
+from tests.helpers import fuzz, jsonschemas
 from tests.conftest import kernel
 
 SAMPLE = os.path.join(fuzz.ROOT, "samples", "bookworm-6.1-l5.core")

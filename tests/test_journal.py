@@ -18,9 +18,9 @@ import pytest
 from inspector.journal import prefix, stream_is_journal
 from inspector.watch_events import (ErrorEvent, FindingEvent, HotplugEvent, RoundEvent,
                                      StartEvent, event_severity)
-from tests import jsonschemas
+from tests.helpers import jsonschemas
 from tests.conftest import ROOT, kernel
-from tests.faults import BY_NAME
+from tests.helpers.faults import BY_NAME
 
 
 def run(argv: list[str], tmp_path, journal: bool | str) -> tuple[int, str, str]:

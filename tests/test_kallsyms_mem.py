@@ -12,8 +12,8 @@ import pytest
 
 from inspector.errors import InspectError
 from inspector.kallsyms_mem import decode_kallsyms, has_kallsyms_tables
-from tests.mkdump import add_kallsyms
-from tests.synthcore import build
+from tests.helpers.mkdump import add_kallsyms
+from tests.helpers.synthcore import build
 
 BIG = "x_big_" + "q" * 194
 

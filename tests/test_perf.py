@@ -156,7 +156,7 @@ def test_report_writers_print_what_dumps_prints(inspect, spec, fault, host):
     import io
 
     from inspector import report
-    from tests.faults import BY_NAME
+    from tests.helpers.faults import BY_NAME
     k = kernel(**SPECS[spec])
     if fault != "clean":
         BY_NAME[fault](k)
@@ -165,9 +165,9 @@ def test_report_writers_print_what_dumps_prints(inspect, spec, fault, host):
     report.write_validate_json(out, state, result)
     assert out.getvalue() == report.dumps(report.validate_json(state, result)) + "\n"
     for cpus in (list(state.cpus), list(state.cpus)[::-7]):
-        assert _text_or_error(lambda out: report.write_stacks_json(out, state, cpus)) == \
-            _text_or_error(lambda out: out.write(report.dumps(report.stacks_json(state, cpus))
-                                                 + "\n"))
+        assert _text_or_error(lambda out, cpus=cpus: report.write_stacks_json(out, state, cpus)) == \
+            _text_or_error(lambda out, cpus=cpus: out.write(report.dumps(report.stacks_json(state, cpus))
+                                                            + "\n"))
 
 
 def _text_or_error(write) -> str:

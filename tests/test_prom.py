@@ -19,9 +19,9 @@ from inspector.audit import FINDING_NAMES
 from inspector.prom import METRICS, TEXTFILE_NAME, render, write_textfile
 from inspector.watch import RoundResult, Watcher
 from inspector.watch_config import WatchConfig
-from tests import jsonschemas
+from tests.helpers import jsonschemas
 from tests.conftest import ROOT, kernel
-from tests.faults import BY_NAME
+from tests.helpers.faults import BY_NAME
 
 parser = pytest.importorskip("prometheus_client.parser",
                              reason="prometheus_client is a test dependency (requirements.txt)")

@@ -14,7 +14,7 @@ import pytest
 
 from inspector.cli import main
 from inspector.schema import DOCUMENTS, schema_file, schema_id
-from tests import jsonschemas
+from tests.helpers import jsonschemas
 from tests.conftest import ROOT, kernel
 
 SAMPLE = os.path.join(ROOT, "samples", "bookworm-6.1-l4-pti.core")

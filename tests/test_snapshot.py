@@ -2,7 +2,7 @@
 
 
 from inspector.cli import main
-from tests import jsonschemas
+from tests.helpers import jsonschemas
 from tests.conftest import kernel
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from inspector.cli import main
 from probes import trace as tr
-from tests import jsonschemas
-from tests.synthcore import SynthKernel, SynthSpec
+from tests.helpers import jsonschemas
+from tests.helpers.synthcore import SynthKernel, SynthSpec
 
 
 def ev(before=(0, 0, 0, 0), after=(0xFFFFFF0000001000, 0xFF11000001000000, 0x8000000001234063,

@@ -13,7 +13,7 @@ from inspector import trace_summary as ts
 from inspector.model import memory_cost
 from inspector.trace_output import JsonTrace
 from inspector.trace_summary import Outcome, init_event
-from tests import jsonschemas
+from tests.helpers import jsonschemas
 
 SET_UP, EARLY = Outcome.SET_UP.value, Outcome.EARLY_RETURN.value
 

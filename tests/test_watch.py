@@ -24,10 +24,10 @@ from inspector.hotplug import CpuEvent, SysfsPollSource, UeventSource, parse_uev
 from inspector.watch import Watcher
 from inspector.watch_config import WatchConfig, build_config, read_config
 from inspector.watch_events import Event, event_json, event_text
-from tests import jsonschemas
+from tests.helpers import jsonschemas
 from tests.conftest import ROOT, kernel
-from tests.faults import BY_NAME
-from tests.jsonproc import JsonLinesProc
+from tests.helpers.faults import BY_NAME
+from tests.helpers.jsonproc import JsonLinesProc
 
 FRAME = (0x1234, 0x401000, 0x33, 0x246, 0x7FFD12345678, 0xF)
 

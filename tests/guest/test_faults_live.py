@@ -40,7 +40,7 @@ import pytest
 
 from tests.guest.kmod import MODULE, Build, cannot_build, why_not_here
 from tests.guest.live import cpulist
-from tests.jsonproc import JsonLinesProc
+from tests.helpers.jsonproc import JsonLinesProc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = [sys.executable, "-m", "inspector"]

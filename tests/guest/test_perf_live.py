@@ -46,7 +46,7 @@ def test_kallsyms_scan_matches_the_full_table():
 
 def _drgn_has_kallsyms() -> bool:
     try:
-        from drgn.helpers.linux import kallsyms  # noqa: F401
+        from drgn.helpers.linux import kallsyms
     except ImportError:
         return False
     return hasattr(kallsyms, "_load_builtin_kallsyms")

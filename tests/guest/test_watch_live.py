@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.guest.live import cpulist, kcore_usable
-from tests.jsonproc import JsonLinesProc
+from tests.helpers.jsonproc import JsonLinesProc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNITS = os.path.join(ROOT, "contrib", "systemd")

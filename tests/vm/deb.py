@@ -17,7 +17,7 @@ from .hostenv import HostError
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vm_deb() -> Path:
     named = os.environ.get("ESPFIX_VM_DEB")
     if named:

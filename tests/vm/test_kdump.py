@@ -63,8 +63,10 @@ def test_kdump_capture(kernel: str, variant: str) -> None:
             extra = [n for n in written if n.startswith("kdump.") and n not in DUMPS]
             extra = ["kdump.l-d31", "kdump.F-c-d31"] + [
                 n for n in extra if n not in ("kdump.l-d31", "kdump.F-c-d31")]
-        report = check_share(share, DUMPS + extra + ["vmcore.raw"] * RAW) if (share / "dumps" / DUMPS[0]).exists() \
-            else {"problems": ["no dump was written"], "timings": {}, "sizes": {}, "notes": []}
+        if (share / "dumps" / DUMPS[0]).exists():
+            report = check_share(share, DUMPS + extra + ["vmcore.raw"] * RAW)
+        else:
+            report = {"problems": ["no dump was written"], "timings": {}, "sizes": {}, "notes": []}
         report["kdump_log"] = json.loads(log.read_text()) if log.exists() else None
         return report
 

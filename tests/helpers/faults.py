@@ -1,10 +1,10 @@
 """Corruptions of a synthetic kernel, one per function: each mutates a SynthKernel the way
-a broken espfix setup would look.  Used by tests/test_audit.py and `python3 -m tests.mkcore`.
+a broken espfix setup would look.  Used by tests/test_audit.py and `python3 -m tests.helpers.mkcore`.
 """
 
 from __future__ import annotations
 
-from tests.synthcore import NX, RW, USER, SynthKernel
+from tests.helpers.synthcore import NX, RW, USER, SynthKernel
 
 
 def pte_entry_pa(k: SynthKernel, cpu: int, clone: int = 0) -> int:
@@ -122,6 +122,6 @@ def f_walk(k: SynthKernel) -> None:
 
 
 
-# command-line names for `python3 -m tests.mkcore --fault NAME`
+# command-line names for `python3 -m tests.helpers.mkcore --fault NAME`
 BY_NAME = {name[2:].replace("_", "-"): fn for name, fn in list(globals().items())
            if name.startswith("f_") and callable(fn)}

@@ -1,4 +1,4 @@
-"""Synthetic crash dumps of a :class:`~tests.synthcore.SynthKernel`, for unit tests.
+"""Synthetic crash dumps of a :class:`~tests.helpers.synthcore.SynthKernel`, for unit tests.
 
 The real formats are proven against real dumps in the VM matrix (tests/vm/test_dumps.py:
 QEMU dump-guest-memory and makedumpfile in a kdump capture kernel); these writers let
@@ -22,7 +22,7 @@ import zlib
 
 from inspector.elfwrite import LoadSegment, NoteEntry, write_core
 from inspector.kdump import REGISTER_NAMES
-from tests.synthcore import MASK64, START_KERNEL_MAP, SynthKernel
+from tests.helpers.synthcore import MASK64, START_KERNEL_MAP, SynthKernel
 
 PAGE = 4096
 #: multi-character tokens for byte values that are not printable ASCII

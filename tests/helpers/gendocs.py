@@ -1,7 +1,7 @@
 """Write the reference pages in docs/ from the code they describe.
 
-    python3 -m tests.gendocs            # rewrite docs/checks.md and docs/metrics.md
-    python3 -m tests.gendocs --check    # exit 1 naming each page that differs
+    python3 -m tests.helpers.gendocs            # rewrite docs/checks.md and docs/metrics.md
+    python3 -m tests.helpers.gendocs --check    # exit 1 naming each page that differs
 
 ``docs/checks.md`` is made from the check registry (``inspector/audit.py``: each
 ``@check(...)`` declares its name, the other finding names it emits, a summary, its
@@ -9,7 +9,7 @@ severities and the kernel source it cites) and ``docs/metrics.md`` from
 ``inspector/prom.py`` ``METRICS`` and the same registry (the ``check`` label values).
 ``tests/test_docs.py`` fails when a committed page differs from what this writes.
 
-A development tool beside ``tests/mkcore.py``, not part of the package: docs/ exists
+A development tool beside ``tests/helpers/mkcore.py``, not part of the package: docs/ exists
 only in the source tree, so an installed ``inspector.gendocs`` would have nothing to
 write, and the Debian package and the wheel need not carry it.
 """
@@ -20,14 +20,14 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from inspector.audit import CHECKS, FINDING_NAMES, SEVERITIES, SEVERITY_MEANING  # noqa: E402
 from inspector.prom import METRICS  # noqa: E402
 
-COMMAND = "python3 -m tests.gendocs"
+COMMAND = "python3 -m tests.helpers.gendocs"
 DOCS = os.path.join(ROOT, "docs")
 
 

@@ -19,7 +19,7 @@ from inspector.schema import DOCUMENTS, schema_file, schema_id
 __all__ = ["check", "loads", "loads_lines", "validator"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def validator(document: str) -> jsonschema.Draft7Validator:
     with open(schema_file(document)) as f:
         schema = json.load(f)

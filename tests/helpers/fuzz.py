@@ -1,7 +1,7 @@
 """Deterministic mutation fuzzing of espfix-inspect's input boundary.
 
-    python3 -m tests.fuzz --count 1500 --seed 1          # what tests/test_fuzz.py runs
-    python3 -m tests.fuzz --count 20000 --seed 7 --save tests/data/fuzz   # a long run
+    python3 -m tests.helpers.fuzz --count 1500 --seed 1          # what tests/test_fuzz.py runs
+    python3 -m tests.helpers.fuzz --count 20000 --seed 7 --save tests/data/fuzz   # a long run
 
 Bases: the real snapshots in samples/, snapshots of synthetic kernels (small and dense:
 nearly every byte is one the inspector reads), a raw synthetic core with its kallsyms,
@@ -52,14 +52,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from inspector.cli import main as cli_main  # noqa: E402
 from inspector.elfcore import ElfCore  # noqa: E402
 from inspector.elfwrite import LoadSegment, NoteEntry, write_core  # noqa: E402
-from tests.jsonschemas import loads as checked_loads  # noqa: E402
+from tests.helpers.jsonschemas import loads as checked_loads  # noqa: E402
 
 TIME_LIMIT = 10.0            # seconds per command
 RSS_LIMIT = 1 << 30          # peak resident set of the whole fuzzing process
@@ -114,7 +114,7 @@ def _decompose(path: str) -> tuple[list[LoadSegment], list[NoteEntry]]:
 def make_bases(workdir: str) -> list[Base]:
     """The real samples, synthetic snapshots and a raw synthetic core with symbols."""
     from inspector.snapshot import take_snapshot
-    from tests.synthcore import SynthKernel, SynthSpec
+    from tests.helpers.synthcore import SynthKernel, SynthSpec
     bases: list[Base] = []
     samples = os.path.join(ROOT, "samples")
     for name in sorted(os.listdir(samples)):
@@ -661,7 +661,7 @@ def summarize(outcomes: list[Outcome], seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m tests.fuzz", description=__doc__,
+    p = argparse.ArgumentParser(prog="python3 -m tests.helpers.fuzz", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=1500, help="mutants (default 1500)")
     p.add_argument("--seed", type=int, default=1)

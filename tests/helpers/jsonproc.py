@@ -1,5 +1,5 @@
 """A subprocess that prints one JSON object per line, read with deadlines (tests only).
-Each line is checked against the schema it names (tests/jsonschemas.py)."""
+Each line is checked against the schema it names (tests/helpers/jsonschemas.py)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from tests.jsonschemas import loads
+from tests.helpers.jsonschemas import loads
 
 
 class JsonLinesProc:

@@ -1,10 +1,10 @@
 """Write a synthetic kernel core (and its kallsyms) for trying espfix-inspect offline.
 
-    python3 -m tests.mkcore -o /tmp/demo --cpus 8 --fault writable-pte
+    python3 -m tests.helpers.mkcore -o /tmp/demo --cpus 8 --fault writable-pte
     espfix-inspect validate --core /tmp/demo/kernel.core --symbols /tmp/demo/kallsyms
 
-The core is built by tests/synthcore.py, which replays init_espfix_ap() for each CPU;
---fault applies one corruption from tests/faults.py.  Test scaffolding: real kernels
+The core is built by tests/helpers/synthcore.py, which replays init_espfix_ap() for each CPU;
+--fault applies one corruption from tests/helpers/faults.py.  Test scaffolding: real kernels
 are covered by the VM harness (tests/vm) and the snapshots in samples/.
 """
 from __future__ import annotations
@@ -13,16 +13,16 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tests.faults import BY_NAME  # noqa: E402
-from tests.synthcore import build  # noqa: E402
+from tests.helpers.faults import BY_NAME  # noqa: E402
+from tests.helpers.synthcore import build  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m tests.mkcore", description=__doc__,
+    p = argparse.ArgumentParser(prog="python3 -m tests.helpers.mkcore", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--out", required=True, help="directory for kernel.core + kallsyms")
     p.add_argument("--cpus", type=int, default=4, help="possible = online CPUs (default 4)")
