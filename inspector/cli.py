@@ -182,11 +182,12 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace):
+    from .hostfacts import target_host_facts
     from .state import load_state
     from .target import open_target
     target = open_target(args.core, args.symbols)
     try:
-        return target, load_state(target)
+        return target, load_state(target, target_host_facts(target))
     except BaseException:
         target.close()
         raise

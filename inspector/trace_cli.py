@@ -98,13 +98,14 @@ class LiveVerifier:
 
     def verify(self, cpu: int) -> dict:
         from .audit import audit
+        from .hostfacts import target_host_facts
         from .state import load_state
         from .target import open_target
         try:
             if self.target is None:
                 self.target = open_target(KCORE_PATH, None)
             self.target.fresh_memory()
-            state = load_state(self.target)
+            state = load_state(self.target, target_host_facts(self.target))
             result = audit(state)
         except InspectError as e:
             self.close()
@@ -120,13 +121,14 @@ class LiveVerifier:
         """The CPUs with a ministack now, for the summary's layout prediction: from
         per_cpu(espfix_stack) through /proc/kcore, else (no kcore) the online CPUs,
         which all have one."""
+        from .hostfacts import target_host_facts
         from .state import load_state
         from .target import open_target
         try:
             if self.target is None:
                 self.target = open_target(KCORE_PATH, None)
             self.target.fresh_memory()
-            state = load_state(self.target)
+            state = load_state(self.target, target_host_facts(self.target))
             return ({c for c, st in state.cpus.items() if st.initialised},
                     "espfix_stack read through /proc/kcore")
         except (InspectError, OSError, ValueError) as e:
