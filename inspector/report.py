@@ -141,7 +141,7 @@ def dumps(doc: dict) -> str:
 
 
 def _h(v: int | None) -> str:
-    return MISSING if v is None else f"{v:#x}"
+    return "" if v is None else f"{v:#x}"
 
 
 # -- layout -----------------------------------------------------------------
@@ -548,7 +548,8 @@ def exercise_text(rounds: list[RoundTrip], kcore_note: str | None) -> str:
                                                else f"off: {kcore_note}"))
     lines.append("")
     rows = [[r.cpu, r.mode, f"{r.cs:#x}:{r.ss:#x}", f"{r.rsp_set:#x}",
-             _h(r.rsp_back), r.interruptions, r.timer_irqs, _frame_cell(r), r.verdict]
+             None if r.rsp_back is None else f"{r.rsp_back:#x}", r.interruptions,
+             r.timer_irqs, _frame_cell(r), r.verdict]
             for r in rounds]
     lines.append(table(rows, ["CPU", "MODE", "CS:SS", "RSP SET", "RSP BACK",
                               "INTERRUPTIONS", "TIMER IRQS", "MINISTACK FRAME", "VERDICT"],

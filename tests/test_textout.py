@@ -183,6 +183,8 @@ def test_exercise_table_fits():
     text = report.exercise_text(rounds, None)
     assert widest(text) <= WIDTH
     assert "131071" in text and "CONTROL-FAILED" in text
+    row5 = [ln.split() for ln in text.split("\n") if ln.split()[:1] == ["5"]]
+    assert row5 and row5[0][4] == "-"                # no RSP read back: "-", not blank
 
 
 # -- progress -------------------------------------------------------------------------------
