@@ -32,6 +32,7 @@ def main() -> int:
 
     from inspector import cli
     from inspector import target as tg
+    from inspector.hostfacts import target_host_facts
     from inspector.state import load_state
     if cmd == "validate":
         from inspector.audit import audit
@@ -51,7 +52,7 @@ def main() -> int:
     syms = tg.bind_symbols(syms, core, mem)
     target = tg.Target(core, mem, syms, core.vmcoreinfo, True, tg._meta(core))
     mark("match symbols to core")
-    state = load_state(target)
+    state = load_state(target, target_host_facts(target))
     mark("state read (incl. sysfs)")
     out = io.StringIO()
     if cmd == "validate":

@@ -174,19 +174,29 @@ def cmd_layout(args: argparse.Namespace) -> int:
     if args.json:
         write_layout_json(sys.stdout, cpus, rnd, args.levels)
         return EXIT_OK
-    layouts = [cpu_layout(c, rnd, args.levels) for c in cpus]
-    groups = group_layouts(cpus, rnd)
-    cost = memory_cost(cpus)
-    print_out(layout_text(layouts, groups, cost, rnd, args.levels, not args.summary))
+    from .progress import Progress
+    with Progress("layout: cpu", len(cpus)) as progress:    # stderr, a terminal only
+        layouts = []
+        for n, c in enumerate(cpus, 1):
+            if not n & 1023:
+                progress.update(n)
+            layouts.append(cpu_layout(c, rnd, args.levels))
+        progress.update(len(cpus))
+        groups = group_layouts(cpus, rnd)
+        cost = memory_cost(cpus)
+        text = layout_text(layouts, groups, cost, rnd, args.levels, not args.summary,
+                           progress=lambda n: progress.update(n, "layout: table row"))
+    print_out(text)
     return EXIT_OK
 
 
 def _open(args: argparse.Namespace):
+    from .hostfacts import target_host_facts
     from .state import load_state
     from .target import open_target
     target = open_target(args.core, args.symbols)
     try:
-        return target, load_state(target)
+        return target, load_state(target, target_host_facts(target))
     except BaseException:
         target.close()
         raise
@@ -268,8 +278,10 @@ def cmd_exercise(args: argparse.Namespace) -> int:
     if args.control and state is None:
         raise InspectError(f"--control needs the ministack cross-check, which is off: {note}",
                            "run as root where /proc/kcore is readable")
+    from .progress import Progress
     try:
-        rounds = exercise(cpus, args.duration, state, args.control)
+        with Progress("cpu", len(cpus)) as progress:     # stderr, a terminal only
+            rounds = exercise(cpus, args.duration, state, args.control, progress=progress.update)
     finally:
         if target is not None:
             target.close()

@@ -29,6 +29,7 @@ from pathlib import Path
 from .audit import audit
 from .errors import InspectError
 from .fileio import MiB, open_regular, read_bounded
+from .hostfacts import target_host_facts
 from .model import format_cpu_list
 from .report import validate_json
 from .schema import schema_file, schema_id
@@ -137,7 +138,7 @@ def load_side(path: str, symbols: str | None = None) -> Side:
     if head == b"\x7fELF":
         target = open_target(path, symbols)
         try:
-            state = load_state(target)
+            state = load_state(target, target_host_facts(target))
             doc = validate_json(state, audit(state))
             kind = "snapshot" if target.meta else "core"
         finally:

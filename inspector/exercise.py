@@ -404,9 +404,11 @@ def round_trip(page: SharedPage, pid: int, cpu: int, mode: Mode, rsp_low: int,
 
 
 def exercise(cpus: list[int], duration: float = 0.25,
-             state: EspfixState | None = None, control: bool = False) -> list[RoundTrip]:
+             state: EspfixState | None = None, control: bool = False,
+             progress: Callable[[int], object] | None = None) -> list[RoundTrip]:
     """Run every round trip on every CPU in *cpus*.  With *state* (a live /proc/kcore
-    state) each round is tied to the CPU's ministack."""
+    state) each round is tied to the CPU's ministack.  *progress* is called with the
+    1-based position of each CPU as its rounds start (inspector.progress)."""
     refuse_if_fred()
     page = SharedPage()
     try:
@@ -419,7 +421,9 @@ def exercise(cpus: list[int], duration: float = 0.25,
         plan = [(MODE64, lo) for lo in RSP_LOW] + [(MODE32, lo) for lo in RSP_LOW]
         if control:
             plan.append((CONTROL, RSP_LOW[0]))
-        for cpu in cpus:
+        for n, cpu in enumerate(cpus, 1):
+            if progress is not None:
+                progress(n)
             with traced_child(page, cpu) as pid:
                 base = getregs(pid)
                 for mode, lo in plan:

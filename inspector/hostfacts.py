@@ -20,7 +20,9 @@ TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     from typing import NoReturn
 
-__all__ = ["HostFacts", "read_host_facts"]
+    from .target import Target
+
+__all__ = ["HostFacts", "read_host_facts", "target_host_facts"]
 
 SYS = "/sys/devices/system"
 
@@ -167,3 +169,14 @@ def read_host_facts(root: str = SYS, cpuinfo: str = "/proc/cpuinfo") -> HostFact
         for mem in _numbered(node_dir, "memory"):
             facts.block_node[int(os.path.basename(mem)[6:])] = node
     return facts
+
+
+def target_host_facts(target: Target) -> HostFacts:
+    """The host facts that go with *target*, for :func:`inspector.state.load_state`:
+    this machine's sysfs for a live target (:attr:`Target.live`, decided once when the
+    target was opened), the facts a snapshot recorded in its metadata, and none for
+    another core (a kdump vmcore records none)."""
+    if target.live:
+        return read_host_facts()
+    return HostFacts.from_dict(target.meta.get("host", {}),
+                               f"{target.core.path} (snapshot metadata)")

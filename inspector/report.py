@@ -7,7 +7,7 @@ its shape is inspector/schemas/<document>.schema.json.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from . import jsonfmt
 from .errors import InspectError, PageFiltered
@@ -33,11 +33,106 @@ __all__ = ["layout_text", "layout_json", "validate_text", "validate_json",
 
 CPU_TABLE_LIMIT = 64
 
+#: Text tables fit this many columns: a wider table is cut into panels (see :func:`table`).
+WIDTH = 120
+#: The one notation of a missing value in text tables (JSON keeps its nulls).
+MISSING = "-"
+#: The widest CPU list a table cell shows before it is abbreviated.
+CPU_CELL = 24
+
 
 def tabulate(*args, **kwargs) -> str:
     """``tabulate.tabulate``, imported when a table is first drawn (not for ``--json``)."""
     from tabulate import tabulate as draw
     return draw(*args, **kwargs)
+
+
+def _cell(v: object) -> str:
+    return MISSING if v is None or v == "" else str(v)
+
+
+def _col_widths(rows: list[list[str]], headers: list[str]) -> list[int]:
+    """The widths tabulate's "simple" format gives the columns (header + 2 at least)."""
+    widths = [len(h) + 2 for h in headers]
+    for r in rows:
+        for i, c in enumerate(r):
+            if len(c) > widths[i]:
+                widths[i] = len(c)
+    return widths
+
+
+def table(rows: list[list[object]], headers: list[str], keep: int = 1,
+          width: int = WIDTH, sections: tuple[int, ...] = (), numparse: bool = False) -> str:
+    """A "simple" table whose missing cells read :data:`MISSING`.  A table wider than
+    *width* is cut into panels of whole columns, one after the other, each repeating
+    the first *keep* (key) columns, as a wide data frame prints.  *sections*: the
+    columns where a panel had better start (the columns between two stay together
+    while they fit).  *numparse*: numbers right-aligned (tabulate's default)."""
+    cells = [[_cell(c) for c in r] for r in rows]
+    widths = _col_widths(cells, headers)
+    starts = sorted({keep, *sections, len(headers)})
+    units = [list(range(a, b)) for a, b in zip(starts, starts[1:]) if a < b]
+    key = sum(widths[:keep]) + 2 * keep
+    panels: list[list[int]] = []
+    cols: list[int] = list(range(keep))
+    used = key
+    for unit in units:
+        need = sum(widths[i] + 2 for i in unit)
+        if len(cols) > keep and used + need > width:        # the section opens a panel
+            panels.append(cols)
+            cols, used = list(range(keep)), key
+        for i in unit:                                      # a section too wide is cut
+            if len(cols) > keep and used + widths[i] > width:
+                panels.append(cols)
+                cols, used = list(range(keep)), key
+            cols.append(i)
+            used += widths[i] + 2
+    panels.append(cols)
+    return "\n\n".join(
+        tabulate([[r[i] for i in p] for r in cells], headers=[headers[i] for i in p],
+                 tablefmt="simple", disable_numparse=not numparse) for p in panels)
+
+
+def simple_table(rows: Iterable[list[str]], headers: list[str],
+                 progress: Callable[[int], object] | None = None) -> str:
+    """``tabulate(rows, headers, tablefmt="simple", disable_numparse=True)`` for cells
+    that are already plain one-line strings, drawn here: 131,072 layout rows take
+    tabulate 7 s and this 1 s, with *progress* called every 4096 rows
+    (tests/test_textout.py checks it against tabulate)."""
+    rows = list(rows)
+    widths = _col_widths(rows, headers)
+    line = "  ".join
+    out = [line(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+           line("-" * w for w in widths)]
+    for n, r in enumerate(rows):
+        if progress is not None and not n & 4095:
+            progress(n)
+        out.append(line(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(out)
+
+
+def abbrev_cpus(cpus: Iterable[int], width: int = CPU_CELL) -> str:
+    """The CPU list ("0-3,8"), cut at a comma to fit *width*: ``0,2,4,... (512 CPUs)``."""
+    cpus = list(cpus)
+    text = format_cpu_list(cpus)
+    if len(text) <= width:
+        return text
+    tail = f",... ({len(cpus)} CPUs)"
+    parts = text.split(",")
+    kept = [parts[0]]
+    for part in parts[1:]:
+        if len(",".join(kept)) + 1 + len(part) + len(tail) > width:
+            break
+        kept.append(part)
+    return ",".join(kept) + tail
+    parts = cpus.split(",")
+    kept: list[str] = []
+    for i, part in enumerate(parts):
+        tail = f",...(+{len(parts) - i})"
+        if len(",".join(kept + [part])) + len(tail) > width and kept:
+            return ",".join(kept) + tail
+        kept.append(part)
+    return cpus
 
 
 def dumps(doc: dict) -> str:
@@ -52,27 +147,27 @@ def _h(v: int | None) -> str:
 # -- layout -----------------------------------------------------------------
 
 def layout_text(cpus: list[CpuLayout], groups: list[GroupLayout], cost: MemoryCost,
-                rnd: Randomness, levels: int, show_cpus: bool = True) -> str:
+                rnd: Randomness, levels: int, show_cpus: bool = True,
+                progress: Callable[[int], object] | None = None) -> str:
+    """The layout; *progress* is called with the rows drawn so far (inspector.progress)."""
     out = [f"espfix layout: {cost.cpus} CPU(s), page_random={rnd.page_random} "
            f"slot_random={rnd.slot_random}, {levels}-level paging"]
     if show_cpus:
         idx_cols = ["pgd", "p4d", "pud", "pmd", "pte"] if levels == 5 else ["pgd", "pud", "pmd", "pte"]
-        rows = [[c.cpu, f"{c.espfix_stack:#018x}", c.page, c.slot,
-                 *[c.indices[k] for k in idx_cols]] for c in cpus]
+        rows = ([str(c.cpu), f"{c.espfix_stack:#018x}", str(c.page), str(c.slot),
+                 *[str(c.indices[k]) for k in idx_cols]] for c in cpus)
         out.append("")
-        out.append(tabulate(rows, headers=["CPU", "ESPFIX_STACK", "PAGE", "SLOT",
-                                           *[k.upper() for k in idx_cols]],
-                            tablefmt="simple", disable_numparse=True))
+        out.append(simple_table(rows, ["CPU", "ESPFIX_STACK", "PAGE", "SLOT",
+                                       *[k.upper() for k in idx_cols]], progress))
     out.append("")
     grows = []
     for g in groups:
         pages = ", ".join(f"{i}->{p}" for i, p in g.stack_pages[:4])
         if len(g.stack_pages) > 4:
             pages += f", ... ({len(g.stack_pages)})"
-        grows.append([g.group, format_cpu_list(g.cpus),
+        grows.append([g.group, abbrev_cpus(g.cpus),
                       f"{g.pud_slots.start}-{g.pud_slots.stop - 1}", pages])
-    out.append(tabulate(grows, headers=["GROUP", "CPUS", "PUD SLOTS", "STACK PAGES (n/64->page)"],
-                        tablefmt="simple", disable_numparse=True))
+    out.append(table(grows, ["GROUP", "CPUS", "PUD SLOTS", "STACK PAGES (n/64->page)"]))
     out.append("")
     out.append("each group: 1 PMD page (512 clones) and 1 PTE page (32 clones per stack page "
                "at pte index page%16)")
@@ -195,36 +290,70 @@ def validate_text(state: EspfixState, result: AuditResult, verbose: bool = False
                f"{len(init)} with a ministack")
     rows = _cpu_rows(state, result)
     if verbose or len(rows) <= CPU_TABLE_LIMIT:
-        table = [[r["cpu"], ("online" if r["online"] else "offline") +
-                  ("" if r["initialised"] else ", no espfix"),
-                  r["espfix_stack"] or "-", r["phys"] or "-",
-                  "-" if r["node"] is None else r["node"],
-                  "-" if r["stack_node"] is None else r["stack_node"],
-                  "ok" if r["ok"] else "BAD"] for r in rows]
+        cpu_table = [[r["cpu"], ("online" if r["online"] else "offline") +
+                      ("" if r["initialised"] else ", no espfix"),
+                      r["espfix_stack"], r["phys"], r["node"], r["stack_node"],
+                      "ok" if r["ok"] else "BAD"] for r in rows]
         out.append("")
-        out.append(tabulate(table, headers=["CPU", "STATE", "ESPFIX_STACK", "STACK PHYS",
-                                            "NODE", "PG NODE", "VERDICT"],
-                            tablefmt="simple", disable_numparse=True))
+        out.append(table(cpu_table, ["CPU", "STATE", "ESPFIX_STACK", "STACK PHYS", "NODE",
+                                     "PG NODE", "VERDICT"]))
     else:
+        bad = [r["cpu"] for r in rows if not r["ok"]]
+        out.append(f"bad CPUs: {len(bad)} of {len(rows)}"
+                   + (f" ({abbrev_cpus(bad, WIDTH - 40)})" if bad else ""))
         out.append(f"(per-CPU table of {len(rows)} CPUs omitted: use -v or --json)")
     out.append("")
     worst = None
     if result.findings:
         ordered = _ordered(result.findings)
         worst = ordered[0].severity
-        frows = [[f.severity, f.check, "" if f.cpu is None else f.cpu, f.message]
-                 for f in ordered]
-        table = tabulate(frows, headers=["SEVERITY", "CHECK", "CPU", "MESSAGE"],
-                         tablefmt="simple", disable_numparse=True).split("\n")
-        if journal and len(table) == len(ordered) + 2:      # header, rule, one line per row
-            table[2:] = [prefix(f.severity, True) + line for f, line in zip(ordered, table[2:])]
-        out.extend(table)
+        out.extend(_findings_table(ordered, set(state.cpus), journal))
         out.append("")
     c = _summary(result)
     verdict = "OK" if result.ok else "FINDINGS"
     out.append(f"{prefix(worst, journal)}result: {verdict} ({c['error']} error(s), "
                f"{c['warning']} warning(s), {c['info']} info)")
     return "\n".join(out)
+
+
+def finding_cpus(f: Finding, possible: set[int]) -> str:
+    """The CPUs a finding affects, as a CPU list: those of its group or stack page
+    (``affects``) that are possible, else its one CPU, else the CPU list it names
+    (``cpus``: CPUs outside the possible mask, or those using a remote ministack);
+    :data:`MISSING` for a finding about no CPU in particular."""
+    if f.affects is not None:
+        cpus = [c for c in f.affects if c in possible]
+        if cpus:
+            return abbrev_cpus(cpus)
+    if f.cpu is not None:
+        return str(f.cpu)
+    named = f.details.get("cpus")
+    if isinstance(named, str) and named:
+        return named if len(named) <= CPU_CELL else named[:CPU_CELL - 3] + "..."
+    return MISSING
+
+
+def _findings_table(ordered: list[Finding], possible: set[int], journal: bool) -> list[str]:
+    """The findings, one row each, the message wrapped so that the table fits
+    :data:`WIDTH`; with *journal* each line carries its finding's priority prefix."""
+    import textwrap
+    heads = ["SEVERITY", "CHECK", "CPUS"]
+    cells = [[f.severity, f.check, finding_cpus(f, possible)] for f in ordered]
+    widths = _col_widths(cells, heads)
+    room = max(40, WIDTH - sum(widths) - 2 * len(widths))
+    rows: list[list[str]] = []
+    owner: list[Finding] = []
+    for f, c in zip(ordered, cells):
+        lines = textwrap.wrap(f.message, room, break_long_words=True,
+                              break_on_hyphens=False) or [""]
+        rows.append([*c, lines[0]])
+        rows.extend(["", "", "", more] for more in lines[1:])
+        owner.extend([f] * len(lines))
+    text = tabulate(rows, headers=[*heads, "MESSAGE"], tablefmt="simple",
+                    disable_numparse=True).split("\n")
+    if journal and len(text) == len(rows) + 2:          # header, rule, one line per row
+        text[2:] = [prefix(f.severity, True) + line for f, line in zip(owner, text[2:])]
+    return text
 
 
 def _ordered(findings: Iterable[Finding]) -> list[Finding]:
@@ -336,15 +465,14 @@ def _crash_context(state: EspfixState) -> CrashContext | None:
 
 def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
     rows = _stack_rows(state, cpus)
-    table = []
+    cells: list[list[object]] = []
     for r in rows:
         f = r["frame"] or {}
-        words = [f.get(k, "") for k in FRAME_WORDS]
+        words = [f.get(k) for k in FRAME_WORDS]
         if r["frame_error"]:
             words[0] = "unreadable (see below)"
-        table.append([r["cpu"], r["espfix_stack"] or "(none)", r["espfix_waddr"] or "",
-                      r["phys"] or "",
-                      "" if r["page"] is None else f"{r['page']}/{r['slot']}", *words])
+        cells.append([r["cpu"], r["espfix_stack"], r["espfix_waddr"], r["phys"],
+                      None if r["page"] is None else f"{r['page']}/{r['slot']}", *words])
     head = _kernel_lines(state)
     head.append(f"ministacks: {sum(1 for r in rows if r['espfix_stack'])} of {len(rows)} "
                 f"CPU(s) set up, {sum(1 for r in rows if r['frame'])} hold an IRET frame "
@@ -355,10 +483,10 @@ def stacks_text(state: EspfixState, cpus: Iterable[int]) -> str:
                     "not in the dump (dropped as a zero page: all zero, filtered)")
     tail = [f"cpu {r['cpu']}: frame unreadable: {r['frame_error']}"
             for r in rows if r["frame_error"]]
-    text = "\n".join(head) + "\n\n" + tabulate(
-        table, headers=["CPU", "ESPFIX_STACK", "ESPFIX_WADDR", "PHYS", "PG/SLOT",
-                        *[k.upper() for k in FRAME_WORDS]],
-        tablefmt="simple", disable_numparse=True) + "".join("\n" + t for t in tail)
+    text = "\n".join(head) + "\n\n" + table(
+        cells, ["CPU", "ESPFIX_STACK", "ESPFIX_WADDR", "PHYS", "PG/SLOT",
+                *[k.upper() for k in FRAME_WORDS]], sections=(5,)) \
+        + "".join("\n" + t for t in tail)
     crash = _crash_context(state)            # crash dumps only
     if crash is not None:
         text += "\n\n" + crash_text(crash, [r["cpu"] for r in rows])
@@ -375,15 +503,14 @@ def crash_text(crash: CrashContext, cpus: list[int]) -> str:
     for cpu in cpus:
         c = crash.cpus.get(cpu)
         if c is None:
-            rows.append([cpu, "-", "(no registers)", "", "", ""])
+            rows.append([cpu, None, None, None, None, "no registers"])
             continue
         r = c.regs
         rows.append([cpu, "user" if c.user_mode else "kernel",
-                     f"{r.get('rip', 0):#x}", c.rip_symbol or "",
+                     f"{r.get('rip', 0):#x}", c.rip_symbol,
                      f"{r.get('rsp', 0):#x}", c.verdict()])
-    return "\n".join(head) + "\n\n" + tabulate(
-        rows, headers=["CPU", "MODE", "RIP", "RIP SYMBOL", "RSP", "ESPFIX AT CRASH"],
-        tablefmt="simple", disable_numparse=True)
+    return "\n".join(head) + "\n\n" + table(
+        rows, ["CPU", "MODE", "RIP", "RIP SYMBOL", "RSP", "ESPFIX AT CRASH"])
 
 
 # --------------------------------------------------------------------------- exercise
@@ -407,7 +534,7 @@ def snapshot_json(summary: dict) -> dict:
 
 def _frame_cell(r: RoundTrip) -> str:
     if not r.frame_checked:
-        return "-"
+        return MISSING
     if r.frame is None:
         return "empty"
     f = r.frame
@@ -421,12 +548,12 @@ def exercise_text(rounds: list[RoundTrip], kcore_note: str | None) -> str:
                                                else f"off: {kcore_note}"))
     lines.append("")
     rows = [[r.cpu, r.mode, f"{r.cs:#x}:{r.ss:#x}", f"{r.rsp_set:#x}",
-             _h(r.rsp_back), r.interruptions,
-             "-" if r.timer_irqs is None else r.timer_irqs, _frame_cell(r), r.verdict]
+             None if r.rsp_back is None else f"{r.rsp_back:#x}", r.interruptions,
+             r.timer_irqs, _frame_cell(r), r.verdict]
             for r in rounds]
-    lines.append(tabulate(rows, headers=["CPU", "MODE", "CS:SS", "RSP SET", "RSP BACK",
-                                         "INTERRUPTIONS", "TIMER IRQS", "MINISTACK FRAME",
-                                         "VERDICT"], tablefmt="simple"))
+    lines.append(table(rows, ["CPU", "MODE", "CS:SS", "RSP SET", "RSP BACK",
+                              "INTERRUPTIONS", "TIMER IRQS", "MINISTACK FRAME", "VERDICT"],
+                       keep=4, sections=(7,), numparse=True))
     notes = [(r, why) for r in rounds for why in r.reasons]
     if notes:
         lines.append("")
@@ -442,7 +569,8 @@ def exercise_text(rounds: list[RoundTrip], kcore_note: str | None) -> str:
     cpus = sorted({r.cpu for r in rounds})
     verdict = "FINDINGS" if bad else "OK" if len(idle) < len(rounds) else "COULD NOT RUN"
     lines.append("")
+    lines.append("INTERRUPTIONS = gaps the child saw in its own TSC, each followed by an "
+                 "RSP check")
     lines.append(f"result: {verdict} ({len(rounds)} round trip(s) on {len(cpus)} CPU(s), "
-                 f"{len(bad)} not ok, {len(idle)} could not run; INTERRUPTIONS = gaps the "
-                 f"child saw in its own TSC, each followed by an RSP check)")
+                 f"{len(bad)} not ok, {len(idle)} could not run)")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from .audit import audit
 from .elfcore import NO_PADDR
 from .elfwrite import LoadSegment, NoteEntry, write_core
 from .errors import InspectError
+from .hostfacts import target_host_facts
 from .memory import RecordingMemory
 from .state import EspfixState, load_state
 from .target import NT_META, NT_SYMBOLS, SNAPSHOT_NOTE, Target, open_target
@@ -82,7 +83,7 @@ def take_snapshot(core: str, symbols: str | None, out: str) -> dict:
     try:
         rec = target.mem
         assert isinstance(rec, RecordingMemory)
-        state = load_state(target)
+        state = load_state(target, target_host_facts(target))
         result = audit(state)
         for cpu in state.cpus:
             try:

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from .errors import InspectError, PageFiltered
-from .hostfacts import HostFacts, read_host_facts
+from .hostfacts import HostFacts
 from .model import ESPFIX_BASE_ADDR, ESPFIX_STACKS_PER_PAGE, FRAME_WORDS
 from .pagetable import PAGE_PRESENT, PageTableWalker, Step, Walk
 from .records import dataclass, field
@@ -300,11 +300,13 @@ def _need(target: Target, name: str, why: str) -> int:
                        path=syms.source, role="symbols", field=name)
 
 
-def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
+def load_state(target: Target, host: HostFacts) -> EspfixState:
     """Read the espfix state of *target*.
 
-    *host* defaults to the live machine's sysfs facts for a live target, to
-    the facts saved in a snapshot, and to nothing for other cores.
+    *host*: the facts about the machine that are not in kernel memory (NUMA nodes,
+    memory block size, sysfs CPU lists, PTI and FRED status).  The caller supplies
+    them (:func:`inspector.hostfacts.target_host_facts`: sysfs for a live target, the
+    recorded facts of a snapshot); this layer reads kernel memory only.
     """
     syms = target.symbols
     reader = KernelReader(target)
@@ -315,10 +317,6 @@ def load_state(target: Target, host: HostFacts | None = None) -> EspfixState:
     init_top_pgt = _need(target, "init_top_pgt", "the kernel page-table root")
     pgd_pa = target.pa_symbol(init_top_pgt)
     reader.walker, reader.pgd_pa = walker, pgd_pa
-
-    if host is None:
-        host = read_host_facts() if target.live else \
-            HostFacts.from_dict(target.meta.get("host", {}), f"{target.core.path} (snapshot metadata)")
 
     nr_cpu_ids = reader.u32(_need(target, "nr_cpu_ids", "the number of CPU ids"))
     if not 0 < nr_cpu_ids <= 1 << 17:

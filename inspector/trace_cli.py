@@ -102,6 +102,7 @@ class LiveVerifier:
 
     def verify(self, cpu: int) -> dict:
         from .audit import audit
+        from .hostfacts import target_host_facts
         from .state import load_state
         from .target import open_target
         try:
@@ -109,7 +110,7 @@ class LiveVerifier:
                 self.target = open_target(KCORE_PATH, None)
             target = self.target
             target.fresh_memory()
-            state = load_state(target)
+            state = load_state(target, target_host_facts(target))
             result = audit(state)
         except InspectError as e:
             self.close()
@@ -125,6 +126,7 @@ class LiveVerifier:
         """The CPUs with a ministack now, for the summary's layout prediction: from
         per_cpu(espfix_stack) through /proc/kcore, else (no kcore) the online CPUs,
         which all have one."""
+        from .hostfacts import target_host_facts
         from .state import load_state
         from .target import open_target
         try:
@@ -132,7 +134,7 @@ class LiveVerifier:
                 self.target = open_target(KCORE_PATH, None)
             target = self.target
             target.fresh_memory()
-            state = load_state(target)
+            state = load_state(target, target_host_facts(target))
             return ({c for c, st in state.cpus.items() if st.initialised},
                     "espfix_stack read through /proc/kcore")
         except (InspectError, OSError, ValueError) as e:

@@ -34,6 +34,7 @@ from typing import Callable
 from . import __version__
 from .audit import audit
 from .errors import EXIT_OK, InspectError
+from .hostfacts import target_host_facts
 from .hotplug import (SYSFS_ONLINE, UEVENT_SETTLE, CpuEvent, HotplugSource,
                       SysfsPollSource, open_hotplug_source)
 from .model import format_cpu_list
@@ -143,7 +144,7 @@ class Watcher:
         try:
             target = self._ensure_target()
             reads0, bytes0 = target.core.reads, target.core.bytes_read
-            state = load_state(target)
+            state = load_state(target, target_host_facts(target))
             result = audit(state)
             out = self.diff.compare(state, result, res, events, self.config.frames)
             res.pages_read = target.mem.stats.pages_read

@@ -206,7 +206,7 @@ import re  # noqa: E402
 
 from inspector.audit import (CHECKS, FINDING_NAMES, SEVERITIES, Context, Severity,  # noqa: E402
                              audit, check, run_check)
-from inspector.hostfacts import HostFacts  # noqa: E402
+from inspector.hostfacts import HostFacts, target_host_facts  # noqa: E402
 from inspector.state import load_state  # noqa: E402
 from inspector.target import open_target  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
@@ -271,7 +271,7 @@ def states(tmp_path_factory):
     for core in SAMPLES:
         target = open_target(core, None)
         opened.append(target)
-        out.append((os.path.basename(core), load_state(target)))
+        out.append((os.path.basename(core), load_state(target, target_host_facts(target))))
     d = tmp_path_factory.mktemp("faults")
     for name, k, host in fault_kernels():
         core, syms = str(d / f"{name}.core"), str(d / f"{name}.syms")

@@ -253,7 +253,7 @@ def test_idle_then_running_round_is_ok(monkeypatch):
 def test_all_rounds_could_not_run_is_exit_2(monkeypatch, capsys):
     from inspector.cli import main
 
-    def fake_exercise(cpus, duration, state, control):
+    def fake_exercise(cpus, duration, state, control, progress=None):
         return [ex.RoundTrip(c, "64-bit", USER_CS, SS16, 0, verdict=ex.COULD_NOT_RUN)
                 for c in cpus]
     monkeypatch.setattr(ex, "exercise", fake_exercise)

@@ -22,7 +22,7 @@ PROBES = ROOT / "probes"
 
 LEVEL = {
     "errors": 0, "records": 0, "x86": 0, "model": 0, "jsonfmt": 0, "fileio": 0, "safetext": 0,
-    "vmcoreinfo": 0, "journal": 0, "schema": 0, "vocab": 0,
+    "vmcoreinfo": 0, "journal": 0, "schema": 0, "vocab": 0, "progress": 0,
     "elfcore": 1, "symbols": 1, "memory": 1, "target": 1, "hostfacts": 1, "elfwrite": 1, "ldt": 1,
     "pagetable": 2,
     "state": 3,

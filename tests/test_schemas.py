@@ -108,7 +108,7 @@ def test_exercise_that_could_not_run_prints_only_the_error_document(monkeypatch,
     from inspector import exercise as ex
     cpu = sorted(os.sched_getaffinity(0))[0]
 
-    def fake_exercise(cpus, duration, state, control):
+    def fake_exercise(cpus, duration, state, control, progress=None):
         return [ex.RoundTrip(c, "64-bit", 0x33, 0x7, 0, verdict=ex.COULD_NOT_RUN)
                 for c in cpus]
     monkeypatch.setattr(ex, "exercise", fake_exercise)
@@ -122,7 +122,7 @@ def test_exercise_document(monkeypatch, capsys):
     from inspector import exercise as ex
     cpu = sorted(os.sched_getaffinity(0))[0]
 
-    def fake_exercise(cpus, duration, state, control):
+    def fake_exercise(cpus, duration, state, control, progress=None):
         return [ex.RoundTrip(c, "64-bit", 0x33, 0x7, 0x7FFF0000, rsp_back=0x7FFF0000,
                              verdict="ok") for c in cpus]
     monkeypatch.setattr(ex, "exercise", fake_exercise)

@@ -447,7 +447,10 @@ def test_fault_is_caught_and_reverted(lab, fault):
     # live validate: exit 1, and the tables name the checks and CPUs
     assert rc_text == 1, f"validate exit {rc_text}: {text}{err_text}"
     rows = columns(text, "SEVERITY")
-    text_pairs = {(r["CHECK"], int(r["CPU"]) if r["CPU"] else None) for r in rows
+    # the CPUS column lists the CPUs a finding affects ("-", "3", "0-3", "0,2,... (n CPUs)"):
+    # its first is the finding's cpu (the first CPU of its page or group)
+    text_pairs = {(r["CHECK"], int(re.match(r"\d+", r["CPUS"]).group())
+                   if r["CPUS"] not in ("", "-") else None) for r in rows
                   if r["SEVERITY"] in ("error", "warning")}
     assert text_pairs == want, f"validate named {fmt_pairs(text_pairs)}, want {fmt_pairs(want)}"
     verdicts = {int(r["CPU"]): r["VERDICT"] for r in columns(text, "CPU")}
