@@ -310,7 +310,7 @@ def _fail(args: argparse.Namespace | None, line: str, cause: str, fix: str = "")
     """Exit 2: the one line on stderr and, when the command was given ``--json``, the
     error document (inspector/schemas/error.schema.json) on stdout, so that a consumer
     of the JSON learns why there is no document."""
-    if getattr(args, "json", None):
+    if args is not None and getattr(args, "json", None):
         import json
 
         from .schema import error_doc

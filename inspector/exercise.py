@@ -198,7 +198,7 @@ def judge(rt: RoundTrip, mode: Mode, code_range: range) -> None:
             reasons.append("the ministack does not hold this child's IRET frame: "
                            + ("it is empty" if f is None else
                               f"it holds RIP {f['rip']:#x} CS {f['cs']:#x} SS {f['ss']:#x}"))
-        elif (f["rsp"] >> 16) & 0xFFFF != (want >> 16) & 0xFFFF:
+        elif f is not None and (f["rsp"] >> 16) & 0xFFFF != (want >> 16) & 0xFFFF:
             leak = True
             reasons.append(f"the ministack frame's RSP {f['rsp']:#x} has bits 16..31 "
                            f"{(f['rsp'] >> 16) & 0xFFFF:#06x}, the child's are "

@@ -7,7 +7,7 @@ its shape is inspector/schemas/<document>.schema.json.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from . import jsonfmt
 from .errors import InspectError, PageFiltered
@@ -61,7 +61,7 @@ def _col_widths(rows: list[list[str]], headers: list[str]) -> list[int]:
     return widths
 
 
-def table(rows: list[list[object]], headers: list[str], keep: int = 1,
+def table(rows: Sequence[Sequence[object]], headers: list[str], keep: int = 1,
           width: int = WIDTH, sections: tuple[int, ...] = (), numparse: bool = False) -> str:
     """A "simple" table whose missing cells read :data:`MISSING`.  A table wider than
     *width* is cut into panels of whole columns, one after the other, each repeating
@@ -125,14 +125,6 @@ def abbrev_cpus(cpus: Iterable[int], width: int = CPU_CELL) -> str:
             break
         kept.append(part)
     return ",".join(kept) + tail
-    parts = cpus.split(",")
-    kept: list[str] = []
-    for i, part in enumerate(parts):
-        tail = f",...(+{len(parts) - i})"
-        if len(",".join(kept + [part])) + len(tail) > width and kept:
-            return ",".join(kept) + tail
-        kept.append(part)
-    return cpus
 
 
 def dumps(doc: dict) -> str:
@@ -434,7 +426,8 @@ def write_stacks_json(fp: IO[str], state: EspfixState, cpus: Iterable[int]) -> N
 
 def _stacks_doc(state: EspfixState, cols: Columns, filtered: dict[int, str]) -> dict:
     """The stacks document; its CPUs stay columns unless a crash dump adds to rows."""
-    doc: dict = {"schema": schema_id("stacks"), "kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
+    doc: dict = {"schema": schema_id("stacks"),
+                 "kernel": {"osrelease": state.info.osrelease, "levels": state.info.levels,
                             "pti": state.info.pti},
                  "cpus": cols}
     crash = _crash_context(state)            # crash dumps only
@@ -451,7 +444,7 @@ def _stacks_doc(state: EspfixState, cols: Columns, filtered: dict[int, str]) -> 
 
 
 def _dump_notes(state: EspfixState) -> list[str]:
-    """What a dump target noted while opening (crash.dump_notes; [] for /proc/kcore)."""
+    """What a dump target noted while opening ([] for /proc/kcore and snapshots)."""
     return list(getattr(state.reader.target, "notes", None) or [])
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from .schema import schema_id
 
@@ -26,7 +27,7 @@ __all__ = ["Event", "StartEvent", "RoundEvent", "FindingEvent", "HotplugEvent",
            "event_text", "event_severity", "now_iso"]
 
 
-def now_iso(t: Optional[float] = None) -> str:
+def now_iso(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
 
 
@@ -46,12 +47,12 @@ class StartEvent(Event):
     version: str
     pid: int
     core: str
-    symbols: Optional[str]
+    symbols: str | None
     interval: float
-    count: Optional[int]
+    count: int | None
     hotplug: str
-    textfile: Optional[str]
-    config: Optional[str]
+    textfile: str | None
+    config: str | None
     frames: bool
 
 
@@ -63,16 +64,16 @@ class RoundEvent(Event):
     up: bool
     ok: bool
     #: {"written": bool, "error": str | None} when a textfile is configured
-    textfile: Optional[dict] = field(default=None, metadata=OMIT_NONE)
+    textfile: dict | None = field(default=None, metadata=OMIT_NONE)
     # the rest only when the round could inspect (up)
-    summary: Optional[dict] = field(default=None, metadata=OMIT_NONE)
-    osrelease: Optional[str] = field(default=None, metadata=OMIT_NONE)
-    cpus_possible: Optional[str] = field(default=None, metadata=OMIT_NONE)
-    cpus_online: Optional[str] = field(default=None, metadata=OMIT_NONE)
-    cpus_initialised: Optional[str] = field(default=None, metadata=OMIT_NONE)
+    summary: dict | None = field(default=None, metadata=OMIT_NONE)
+    osrelease: str | None = field(default=None, metadata=OMIT_NONE)
+    cpus_possible: str | None = field(default=None, metadata=OMIT_NONE)
+    cpus_online: str | None = field(default=None, metadata=OMIT_NONE)
+    cpus_initialised: str | None = field(default=None, metadata=OMIT_NONE)
     #: CPU lists; None (and present) when frames are not tracked
-    frames_held: Optional[str] = None
-    frames_new: Optional[str] = None
+    frames_held: str | None = None
+    frames_new: str | None = None
     cost: dict = field(default_factory=dict)
 
 
@@ -92,7 +93,7 @@ class HotplugEvent(Event):
     possible: bool
     online: bool
     initialised: bool
-    espfix_stack: Optional[str]
+    espfix_stack: str | None
     ok: bool
     findings: list
 
@@ -108,7 +109,7 @@ class FrameEvent(Event):
 @dataclass
 class ReloadEvent(Event):
     kind: ClassVar[str] = "reload"
-    config: Optional[str]
+    config: str | None
     changed: dict
 
 
@@ -126,7 +127,7 @@ class StopEvent(Event):
     rounds: int
     wall_seconds: float
     cpu_seconds: float
-    cpu_share: Optional[float]
+    cpu_share: float | None
     output_failures: int
     exit: int
 
@@ -217,7 +218,7 @@ def _stop(ev: StopEvent) -> str:
             f"{ev.cpu_seconds:.3f} s CPU{share}, exit {ev.exit}")
 
 
-_TEXT = {StartEvent: _start, RoundEvent: _round, HotplugEvent: _hotplug,
+_TEXT: dict[type, Callable[[Any], str]] = {StartEvent: _start, RoundEvent: _round, HotplugEvent: _hotplug,
          FindingEvent: _finding, FrameEvent: _frame, ReloadEvent: _reload,
          ErrorEvent: lambda ev: f"error: {ev.message}", StopEvent: _stop}
 
@@ -227,7 +228,7 @@ def event_text(ev: Event) -> str:
     return f"{ev.time} {_TEXT[type(ev)](ev)}"
 
 
-def event_severity(ev: Event) -> Optional[str]:
+def event_severity(ev: Event) -> str | None:
     """"error" or "warning" for an event the journal should rank above info, else None.
 
     A new finding keeps its own severity; a round that could not inspect and an
