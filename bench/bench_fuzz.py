@@ -5,7 +5,7 @@
 Prints mutants and runs per second, the slowest single run, the peak RSS, outcomes by
 operator, and every failure (a failing mutant is written to --save DIR, default
 tests/data/fuzz, for tests/test_fuzz.py to replay).  Exit 1 if any mutant failed.
-The README's Input safety figures come from this command.
+The figures in docs/input-safety.md come from this command.
 """
 from __future__ import annotations
 

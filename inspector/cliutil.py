@@ -26,8 +26,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """argparse's RawDescriptionHelpFormatter, with the width ``shutil.get_terminal_size()``
     would give (``$COLUMNS``, else the terminal's, else 80) found without importing
     shutil: argparse makes a formatter in every ``add_argument`` and its default one
-    imports shutil, 25-180 ms of a live ``validate --json`` under TCG (README,
-    Performance) that never prints help."""
+    imports shutil, 25-180 ms of a live ``validate --json`` under TCG (docs/performance.md)
+    that never prints help."""
 
     def __init__(self, prog: str, *args, **kwargs) -> None:
         if len(args) < 3 and kwargs.get("width") is None:

@@ -6,7 +6,7 @@ Anything else (another class, type or machine, a short or odd header, ``PN_XNUM`
 goes to pyelftools, which names what is wrong.  Why not pyelftools every time:
 importing ``elftools.elf.elffile`` (it pulls in the DWARF readers and the construct
 library) took 0.83 s of a 6.9 s live ``validate`` under cProfile in a QEMU/TCG
-guest, far more than parsing the few headers of /proc/kcore (README, Performance); the
+guest, far more than parsing the few headers of /proc/kcore (docs/performance.md); the
 fields read are those of ``Elf64_Ehdr``/``Elf64_Phdr`` in ``include/uapi/linux/elf.h``.
 The notes are read from their raw bytes here, because pyelftools mis-decodes some core
 note types and the VMCOREINFO note is plain ``KEY=VALUE`` text.  Nothing else of a

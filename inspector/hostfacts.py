@@ -130,7 +130,7 @@ def _read(path: str) -> str | None:
 
 def _numbered(directory: str, prefix: str) -> list[str]:
     """``glob.glob(f"{directory}/{prefix}[0-9]*")`` with os.listdir (glob and fnmatch
-    are not imported for this one pattern; README, Performance)."""
+    are not imported for this one pattern; docs/performance.md)."""
     try:
         names = os.listdir(directory)
     except OSError:

@@ -3,8 +3,8 @@
 The reports print ``json.dumps(doc, indent=2)``.  With ``indent`` set, CPython's
 ``json`` does not use its C encoder (``json/encoder.py``: ``c_make_encoder`` only when
 ``indent is None``) and walks every value in Python generators: 1.8 s for the
-131,072 per-CPU rows of ``validate --json``, most of that run (README, Performance).
-The output is kept byte for byte (consumers and the README examples read it as it
+131,072 per-CPU rows of ``validate --json``, most of that run (docs/performance.md).
+The output is kept byte for byte (consumers and the examples in docs/ read it as it
 is); only the way it is produced changes:
 
 - a :class:`Columns` value is a list of dicts that all have the same keys, held as

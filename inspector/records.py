@@ -4,7 +4,7 @@ Under QEMU/TCG, importing the standard library's ``dataclasses`` (it imports
 ``inspect``) and ``typing``, and letting dataclasses process the nineteen record
 classes of the inspector's core modules, took 0.26 s of the imports of a live
 ``validate``: in one trixie guest, with and without, ``validate`` took 1.48 and 1.09 s
-against drgn's 2.19 s (README, Performance).  This module is the part of
+against drgn's 2.19 s (docs/performance.md).  This module is the part of
 ``dataclasses`` those classes use, written down once: the fields are the class
 annotations in order, a default is a class attribute or a :func:`field`.  ``__init__``
 is generated as source and compiled, as ``dataclasses`` does, so making an instance

@@ -235,7 +235,7 @@ def validate_json(state: EspfixState, result: AuditResult) -> dict:
 
 def write_validate_json(fp: IO[str], state: EspfixState, result: AuditResult) -> None:
     """``print(dumps(validate_json(state, result)), file=fp)``, written row block by
-    row block (131,072 CPUs: README, Performance)."""
+    row block (131,072 CPUs: docs/performance.md)."""
     jsonfmt.write(fp, _validate_doc(state, result, _cpu_columns(state, result)))
 
 

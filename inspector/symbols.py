@@ -209,8 +209,8 @@ def scan_symbol_text(data: bytes, source: str, kind: SymbolKind, names: Iterable
 
     A live /proc/kallsyms has 100,000-210,000 lines and the inspector needs a few
     dozen of them: building the table of every line (:func:`parse_symbol_text`) was the
-    largest cost of a live ``validate``, 2-4.5 s of 5-7 s in the QEMU/TCG guests (README,
-    Performance).  The result is what :func:`parse_symbol_text` gives for those names
+    largest cost of a live ``validate``, 2-4.5 s of 5-7 s in the QEMU/TCG guests
+    (docs/performance.md).  The result is what :func:`parse_symbol_text` gives for those names
     (the first non-module line of each), for text in the kernel's own format.  Whenever
     that function would refuse the text (Debian's placeholder, no symbols, every
     address 0, no ``_text``), it is called instead, so the error is the same.  Any other

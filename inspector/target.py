@@ -236,7 +236,7 @@ def open_target(core_path: str = KCORE_PATH, symbols_path: str | None = None,
     (kdump-compressed, ELF vmcores) go to :mod:`inspector.dumptarget`."""
     live = is_live(core_path)
     # Crash dumps go to libkdumpfile; an ELF core that is /proc/kcore-shaped or a
-    # snapshot stays here without importing the dump modules (README, Performance).
+    # snapshot stays here without importing the dump modules (docs/performance.md).
     if not live and not _has_elf_magic(core_path):
         from .dumptarget import is_dump, open_dump_target
         if is_dump(core_path):

@@ -37,7 +37,7 @@ what is traced:
     HOLDER  at start: the processes whose mm has an LDT now (task-list walk in BPF)
     RETURNS at the end: returns to user mode through espfix, per CPU and task, counted at
             the irq_vectors:*_exit, exceptions:page_fault_user, rt_sigreturn and
-            raw_syscalls:sys_exit tracepoints (see README for what is and is not counted)
+            raw_syscalls:sys_exit tracepoints (see docs/commands.md, trace, for what is and is not counted)
     SUMMARY at the end: the init_espfix_ap calls (set up / early return, latency
             percentiles and a log2 histogram as funclatency prints it), the pages they
             allocated next to what `layout` predicts for the CPUs that came up, time
@@ -186,7 +186,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     plan = tr.make_plan(BPF, syms, want, sources)
     if not (plan.init or plan.ldt or plan.returns or plan.holders):
         raise InspectError("nothing can be traced on this kernel: " + "; ".join(plan.missing),
-                           "see README, trace: requirements")
+                           "see man espfix-inspect-trace, REQUIREMENTS")
 
     from .trace_output import JsonTrace, TextTrace
     out = (JsonTrace if args.json else TextTrace)(lambda text: print_out(text, flush=True),

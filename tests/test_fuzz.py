@@ -20,7 +20,7 @@ from tests.helpers import fuzz
 
 CASES = sorted(glob.glob(os.path.join(fuzz.REGRESSIONS, "*.case.json")))
 #: Mutants in the bounded run (about 20-30 s of CPU on a CI machine); a long run:
-#: python3 -m tests.helpers.fuzz --count 20000 --seed N (see README, Input safety).
+#: python3 -m tests.helpers.fuzz --count 20000 --seed N (see docs/input-safety.md).
 COUNT = int(os.environ.get("ESPFIX_FUZZ_COUNT", "1200"))
 
 
