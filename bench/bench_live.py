@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: live validate, stacks and watch's first round against drgn, in VM guests.
 
-    vmslot python3 bench/bench_live.py [--rows trixie:l4,sid:l5] [--repeat 5] [--profile]
+    python3 bench/bench_live.py [--rows trixie:l4,sid:l5] [--repeat 5] [--profile]
 
 Boots each row through the VM harness (tests/vm, QEMU/TCG) and runs
 bench/live_guest.py there: every command as a fresh process, alternating, --repeat
