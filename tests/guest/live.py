@@ -41,3 +41,22 @@ def cpulist(text: str) -> list[int]:
         lo, _, hi = part.partition("-")
         out += range(int(lo), int(hi or lo) + 1)
     return out
+
+
+#: The rows that run the guest tests whose outcome depends on the kernel build alone, not
+#: on the row's paging, PTI or CPUs: a trace ended by SIGTERM or by its duration (a BCC
+#: compile each, 25-50 s under TCG) and the refusal of other kernels' symbols (10-25 s).
+#: One row per kernel keeps them in CI at a fifth of the cost (docs/testing.md).
+PER_KERNEL_ROWS = ("bookworm:l4", "trixie:l4", "sid:l5")
+
+
+def not_in_this_row() -> str | None:
+    """Why a once-per-kernel guest test skips in this row, or None where it runs
+    (its row, anywhere outside the VM harness, or with ESPFIX_VM_ALL=1)."""
+    if os.environ.get("ESPFIX_VM") != "guest" or os.environ.get("ESPFIX_VM_ALL") == "1":
+        return None
+    row = f"{os.environ.get('ESPFIX_VM_KERNEL')}:{os.environ.get('ESPFIX_VM_VARIANT')}"
+    if row in PER_KERNEL_ROWS:
+        return None
+    return (f"depends on the kernel build only: runs in {', '.join(PER_KERNEL_ROWS)} "
+            f"(CI time); this is {row}, ESPFIX_VM_ALL=1 runs it here")

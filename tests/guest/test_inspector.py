@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.guest.live import cpulist, kcore_usable  # noqa: E402
+from tests.guest.live import cpulist, kcore_usable, not_in_this_row  # noqa: E402
 
 _USABLE, _WHY = kcore_usable()
 pytestmark = [pytest.mark.guest, pytest.mark.skipif(not _USABLE, reason=_WHY or "-")]
@@ -202,6 +202,7 @@ def test_kptr_restrict_is_explained():
     assert proc.stderr.count("\n") == 1 and "kptr_restrict" in proc.stderr
 
 
+@pytest.mark.skipif(not_in_this_row() is not None, reason=not_in_this_row() or "-")
 def test_symbols_of_another_build_refused(tmp_path):
     """A System.map whose data symbols sit 4 KiB away from this build's."""
     mini = MiniKcore()
@@ -238,6 +239,7 @@ def test_debian_boot_system_map_is_explained(validate):
         assert doc["findings"] == validate["findings"] and doc["cpus"] == validate["cpus"]
 
 
+@pytest.mark.skipif(not_in_this_row() is not None, reason=not_in_this_row() or "-")
 def test_real_symbols_of_other_kernels_refused(tmp_path):
     """kallsyms captured from other Debian kernels and boots (embedded in samples/)."""
     from inspector.elfcore import ElfCore
