@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 
 from .errors import InspectError
-from .fileio import MiB, open_regular, read_bounded
+from .fileio import MiB, buffered, open_regular, read_bounded
 from .records import dataclass, field
 from .vocab import StrEnum
 from .x86 import MASK64, START_KERNEL_MAP
@@ -340,17 +340,19 @@ def read_own_lines(fh, path: str, chunk: int = 1 << 20) -> bytes:
     inspector never uses: 5-8% of a live /proc/kallsyms in the Debian guests."""
     chunks = []
     total = 0
-    while True:
-        data = fh.read(chunk)
-        if not data:
-            break
-        chunks.append(data)
-        total += len(data)
-        if total > MAX_SYMBOL_TEXT:
-            raise InspectError(f"symbol file {path} is larger than {MAX_SYMBOL_TEXT // MiB} "
-                               "MiB, more than any real one", "pass the real symbol file")
-        if b"\t[" in data:
-            break
+    with buffered(fh) as reader:        # a raw procfs read gives 4 KiB at a time
+        while True:
+            data = reader.read(chunk)
+            if not data:
+                break
+            chunks.append(data)
+            total += len(data)
+            if total > MAX_SYMBOL_TEXT:
+                raise InspectError(f"symbol file {path} is larger than "
+                                   f"{MAX_SYMBOL_TEXT // MiB} MiB, more than any real one",
+                                   "pass the real symbol file")
+            if b"\t[" in data:
+                break
     return b"".join(chunks)
 
 
