@@ -69,21 +69,25 @@ def open_regular(path: str, what: str, fix: str) -> BinaryIO:
         raise
 
 
-def read_bounded(fh: BinaryIO, path: str, what: str, limit: int) -> bytes:
+def read_bounded(fh: BinaryIO, path: str, what: str, limit: int, *,
+                 chunk: int = 4 * MiB, stop: bytes | None = None) -> bytes:
     """All of *fh*, refusing more than *limit* bytes (procfs files report size 0,
-    so the bound is enforced while reading, not from ``st_size``)."""
+    so the bound is enforced while reading, not from ``st_size``).  With *stop*, the
+    reading ends after the chunk in which those bytes first appear."""
     chunks = []
     total = 0
     with buffered(fh) as reader:
         while True:
-            chunk = reader.read(min(4 * MiB, limit + 1 - total))
-            if not chunk:
+            data = reader.read(min(chunk, limit + 1 - total))
+            if not data:
                 break
-            chunks.append(chunk)
-            total += len(chunk)
+            chunks.append(data)
+            total += len(data)
             if total > limit:
                 raise InspectError(f"{what} {path} is larger than {limit // MiB} MiB, more "
                                    f"than any real one", f"pass the real {what}")
+            if stop is not None and stop in data:
+                break
     return b"".join(chunks)
 
 

@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 
 from .errors import InspectError
-from .fileio import MiB, buffered, open_regular, read_bounded
+from .fileio import MiB, open_regular, read_bounded
 from .records import dataclass, field
 from .vocab import StrEnum
 from .x86 import MASK64, START_KERNEL_MAP
@@ -338,22 +338,7 @@ def read_own_lines(fh, path: str, chunk: int = 1 << 20) -> bytes:
     ``kernel/kallsyms.c`` lists vmlinux's own symbols first and then, each with
     ``"\\t[module]"``, those of modules, BPF and ftrace (``update_iter()``), which the
     inspector never uses: 5-8% of a live /proc/kallsyms in the Debian guests."""
-    chunks = []
-    total = 0
-    with buffered(fh) as reader:        # a raw procfs read gives 4 KiB at a time
-        while True:
-            data = reader.read(chunk)
-            if not data:
-                break
-            chunks.append(data)
-            total += len(data)
-            if total > MAX_SYMBOL_TEXT:
-                raise InspectError(f"symbol file {path} is larger than "
-                                   f"{MAX_SYMBOL_TEXT // MiB} MiB, more than any real one",
-                                   "pass the real symbol file")
-            if b"\t[" in data:
-                break
-    return b"".join(chunks)
+    return read_bounded(fh, path, "symbol file", MAX_SYMBOL_TEXT, chunk=chunk, stop=b"\t[")
 
 
 def _reread(path: str) -> bytes:

@@ -17,6 +17,7 @@ from .target import KCORE_PATH
 
 TYPE_CHECKING = False           # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
+    from .state import EspfixState
     from .target import Target
 
 EXAMPLES = """examples:
@@ -100,17 +101,21 @@ class LiveVerifier:
     def __init__(self) -> None:
         self.target: Target | None = None
 
-    def verify(self, cpu: int) -> dict:
-        from .audit import audit
+    def _fresh_state(self) -> EspfixState:
+        """The live state read anew, through the /proc/kcore target opened once."""
         from .hostfacts import target_host_facts
         from .state import load_state
         from .target import open_target
+        if self.target is None:
+            self.target = open_target(KCORE_PATH, None)
+        target = self.target
+        target.fresh_memory()
+        return load_state(target, target_host_facts(target))
+
+    def verify(self, cpu: int) -> dict:
+        from .audit import audit
         try:
-            if self.target is None:
-                self.target = open_target(KCORE_PATH, None)
-            target = self.target
-            target.fresh_memory()
-            state = load_state(target, target_host_facts(target))
+            state = self._fresh_state()
             result = audit(state)
         except InspectError as e:
             self.close()
@@ -126,15 +131,8 @@ class LiveVerifier:
         """The CPUs with a ministack now, for the summary's layout prediction: from
         per_cpu(espfix_stack) through /proc/kcore, else (no kcore) the online CPUs,
         which all have one."""
-        from .hostfacts import target_host_facts
-        from .state import load_state
-        from .target import open_target
         try:
-            if self.target is None:
-                self.target = open_target(KCORE_PATH, None)
-            target = self.target
-            target.fresh_memory()
-            state = load_state(target, target_host_facts(target))
+            state = self._fresh_state()
             return ({c for c, st in state.cpus.items() if st.initialised},
                     "espfix_stack read through /proc/kcore")
         except (InspectError, OSError, ValueError) as e:
